@@ -104,3 +104,149 @@ def istft(feat: jnp.ndarray, n_fft: int = N_FFT, win_length: int = WIN_LENGTH,
 
 def jax_complex(re: jnp.ndarray, im: jnp.ndarray) -> jnp.ndarray:
   return re.astype(jnp.float32) + 1j * im.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Mel spectrogram (torchaudio.transforms.MelSpectrogram as ESC's losses use it)
+# ---------------------------------------------------------------------------
+
+
+def _hz_to_mel_htk(f):
+  return 2595.0 * np.log10(1.0 + np.asarray(f, np.float64) / 700.0)
+
+
+def _mel_to_hz_htk(m):
+  return 700.0 * (10.0 ** (np.asarray(m, np.float64) / 2595.0) - 1.0)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_filterbank(sr: int, n_fft: int, n_mels: int, f_min: float = 0.0,
+                   f_max: float | None = None) -> np.ndarray:
+  """`torchaudio.functional.melscale_fbanks(norm=None, mel_scale="htk")`.
+
+  Triangular filters by linear interpolation in Hz between `n_mels + 2`
+  HTK-mel-spaced points. As in torchaudio the bin frequencies are
+  `linspace(0, sr // 2, n_fft // 2 + 1)` (librosa uses `rfftfreq`, which
+  differs for odd `n_fft`). Computed in float64, returned as float32.
+  The returned array is cached: treat it as read-only.
+
+  Returns:
+    (n_fft // 2 + 1, n_mels) float32 filterbank.
+  """
+  f_max = float(sr // 2) if f_max is None else float(f_max)
+  n_freqs = n_fft // 2 + 1
+  all_freqs = np.linspace(0.0, float(sr // 2), n_freqs)
+  m_pts = np.linspace(_hz_to_mel_htk(f_min), _hz_to_mel_htk(f_max), n_mels + 2)
+  f_pts = _mel_to_hz_htk(m_pts)
+  f_diff = np.diff(f_pts)  # (n_mels + 1,)
+  slopes = f_pts[None, :] - all_freqs[:, None]  # (n_freqs, n_mels + 2)
+  down = -slopes[:, :-2] / f_diff[:-1]
+  up = slopes[:, 2:] / f_diff[1:]
+  fb = np.maximum(0.0, np.minimum(down, up)).astype(np.float32)
+  fb.setflags(write=False)
+  return fb
+
+
+def safe_magnitude(re: jnp.ndarray, im: jnp.ndarray) -> jnp.ndarray:
+  """|re + i im| with a zero (not NaN) gradient at the origin, like torch."""
+  p = re * re + im * im
+  nz = p > 0
+  return jnp.where(nz, jnp.sqrt(jnp.where(nz, p, 1.0)), 0.0)
+
+
+def mel_spectrogram(x: jnp.ndarray, sr: int = SAMPLE_RATE, n_fft: int = 1024,
+                    win_length: int | None = None, hop: int | None = None,
+                    n_mels: int = 80, power: float = 1.0, f_min: float = 0.0,
+                    f_max: float | None = None) -> jnp.ndarray:
+  """`torchaudio.transforms.MelSpectrogram` (centre reflect padding, periodic
+  Hann of `win_length` centred in `n_fft`, onesided, HTK mel, no filter norm).
+
+  Jit-able and differentiable (finite gradients on silence).
+
+  Args:
+    x: (B, L) float audio.
+    win_length / hop: default `n_fft` / `win_length // 2` (torchaudio defaults).
+    power: exponent of the magnitude (1 = magnitude, 2 = power).
+  Returns:
+    (B, n_mels, 1 + L // hop) float32.
+  """
+  win_length = n_fft if win_length is None else win_length
+  hop = win_length // 2 if hop is None else hop
+  feat = stft(x, n_fft=n_fft, win_length=win_length, hop=hop)  # (B, 2, F, T)
+  spec = safe_magnitude(feat[:, 0], feat[:, 1])
+  if power != 1.0:
+    spec = spec ** power
+  fb = mel_filterbank(sr, n_fft, n_mels, f_min, f_max)
+  mel = jnp.einsum("bft,fm->bmt", spec, fb, precision="highest")
+  return mel.astype(jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Audio file I/O
+# ---------------------------------------------------------------------------
+
+
+def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+  """Read an audio file as mono float32 at `target_sr` (soxr VHQ resampling).
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: unreadable/corrupt file, empty audio or non-finite samples.
+  Returns:
+    (L,) float32.
+  """
+  import os
+  import soundfile as sf
+  import soxr
+
+  path = os.fspath(path)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"audio file not found: {path}")
+  try:
+    data, sr = sf.read(path, dtype="float32", always_2d=True)  # (L, C)
+  except Exception as e:  # libsndfile errors (RuntimeError subclasses), etc.
+    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    raise ValueError(f"cannot read audio file {path}: {msg}") from e
+  if data.size == 0:
+    raise ValueError(f"audio file {path} is empty (no samples)")
+  if not np.all(np.isfinite(data)):
+    raise ValueError(f"audio file {path} contains NaN or infinite samples")
+  audio = data.mean(axis=1, dtype=np.float32)
+  if sr != target_sr:
+    audio = soxr.resample(audio, sr, target_sr, quality="VHQ")
+  return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def write_audio(path, audio, sr: int = SAMPLE_RATE, subtype: str | None = None) -> None:
+  """Atomically write audio (temp file in the same directory + `os.replace`).
+
+  Args:
+    audio: (L,) or (L, C) float samples in [-1, 1]; clipped for integer subtypes.
+    subtype: soundfile subtype (default: the format's default, PCM_16 for WAV).
+  """
+  import os
+  import tempfile
+  import soundfile as sf
+
+  path = os.fspath(path)
+  audio = np.asarray(audio, dtype=np.float32)
+  if audio.ndim not in (1, 2) or audio.shape[0] == 0:
+    raise ValueError(f"cannot write {path}: expected non-empty (L,) or (L, C) audio, got {audio.shape}")
+  if not np.all(np.isfinite(audio)):
+    raise ValueError(f"cannot write {path}: audio contains NaN or infinite samples")
+  directory, base = os.path.split(os.path.abspath(path))
+  ext = os.path.splitext(base)[1]
+  if not ext:
+    raise ValueError(f"cannot write {path}: no file extension to pick the format from")
+  if subtype is None or subtype.upper() not in ("FLOAT", "DOUBLE"):
+    audio = np.clip(audio, -1.0, 1.0)
+  fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=directory)
+  os.close(fd)
+  try:
+    sf.write(tmp, audio, sr, subtype=subtype, format=ext.lstrip(".").upper())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise

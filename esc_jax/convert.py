@@ -1,0 +1,155 @@
+"""PyTorch state_dict -> Flax params: a mechanical, strict name mapping.
+
+Torch key `a.b.3.c.weight` names the Flax module path `a/b_3/c`; the leaf
+depends on the Flax module found there: `kernel` (Linear weights transposed,
+Conv2d (out, in, kh, kw) -> (kh, kw, in, out)), `scale` (LayerNorm) or
+`embedding` (nn.Embedding). Both key layouts of the released checkpoints are
+accepted (first release: `pre_swin`/`post_swin`, `vqs.{m}.proj_down`/`proj_up`).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+# Buffers derived from the config, never parameters.
+_DERIVED = (re.compile(r"(^|\.)(ft|ift)\.window$"),
+            re.compile(r"\.relative_position_index$"),
+            re.compile(r"\.codebook_initialized$"))
+_LEGACY = ((re.compile(r"\.pre_swin\."), ".pre_nn."),
+           (re.compile(r"\.post_swin\."), ".post_nn."),
+           (re.compile(r"^quantizers\.(\d+)\.vqs\.(\d+)\.proj_down\."), r"quantizers.\1.down_projs.\2."),
+           (re.compile(r"^quantizers\.(\d+)\.vqs\.(\d+)\.proj_up\."), r"quantizers.\1.up_projs.\2."))
+
+
+class ConversionError(ValueError):
+  """A state dict that does not match the model (names the key and shapes)."""
+
+
+def is_derived(key: str) -> bool:
+  return any(p.search(key) for p in _DERIVED)
+
+
+def canonical_key(key: str) -> str:
+  """Rename first-release keys to the latest layout."""
+  for pat, rep in _LEGACY:
+    key = pat.sub(rep, key)
+  return key
+
+
+def flax_path(key: str) -> tuple[str, ...]:
+  """`encoder.blocks.0.swint_blocks.1.attn.qkv` -> ('encoder', 'blocks_0', 'swint_blocks_1', 'attn', 'qkv')."""
+  out: list[str] = []
+  for part in key.split("."):
+    if part.isdigit() and out:
+      out[-1] = f"{out[-1]}_{part}"
+    else:
+      out.append(part)
+  return tuple(out)
+
+
+def _convert_leaf(key: str, leaf: str, module: Mapping[str, Any], value: np.ndarray):
+  """Returns (flax leaf name, array in Flax layout)."""
+  if leaf == "weight":
+    if "kernel" in module:
+      if value.ndim == 2:
+        return "kernel", value.T
+      if value.ndim == 4:
+        return "kernel", value.transpose(2, 3, 1, 0)
+      raise ConversionError(f"{key}: unexpected weight rank {value.ndim}")
+    for name in ("scale", "embedding"):
+      if name in module:
+        return name, value
+    raise ConversionError(f"{key}: no Flax weight at {'/'.join(flax_path(key)[:-1])}")
+  return leaf, value
+
+
+def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict:
+  """Map a torch state dict onto a Flax params tree of the same model.
+
+  Args:
+    state_dict: torch name -> array (either release layout; buffers ignored).
+    template: the model's params (e.g. from `init` or `jax.eval_shape`); only
+      its structure and shapes are used.
+  Returns: a new params tree of float32 numpy arrays.
+  Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key.
+  """
+  flat_template = _flatten(template)
+  filled: dict[tuple[str, ...], np.ndarray] = {}
+  source: dict[tuple[str, ...], str] = {}
+  for key, value in state_dict.items():
+    if is_derived(key):
+      continue
+    ckey = canonical_key(key)
+    path = flax_path(ckey)
+    module = _subtree(template, path[:-1])
+    if module is None:
+      raise ConversionError(f"unexpected key {key!r}: the model has no module {'/'.join(path[:-1])}")
+    leaf, arr = _convert_leaf(key, path[-1], module, np.asarray(value))
+    full = path[:-1] + (leaf,)
+    if full not in flat_template:
+      raise ConversionError(f"unexpected key {key!r}: the model has no parameter {'/'.join(full)}")
+    if full in filled:
+      raise ConversionError(f"key {key!r} fills {'/'.join(full)} already filled by {source[full]!r}")
+    want = tuple(flat_template[full].shape)
+    if tuple(arr.shape) != want:
+      raise ConversionError(f"shape mismatch for {key!r}: checkpoint {tuple(np.shape(value))} "
+                            f"(as {tuple(arr.shape)} in Flax layout) vs model {want} at {'/'.join(full)}")
+    filled[full] = np.ascontiguousarray(arr, dtype=np.float32)
+    source[full] = key
+  missing = [p for p in flat_template if p not in filled]
+  if missing:
+    raise ConversionError(f"missing key(s) in checkpoint: {', '.join(_torch_name(p) for p in missing[:5])}"
+                          + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+  return _unflatten(filled)
+
+
+def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Inverse mapping (Flax params -> torch names and layouts); handy for export and tests."""
+  out = {}
+  for path, value in _flatten(params).items():
+    value = np.asarray(value)
+    leaf = path[-1]
+    if leaf == "kernel":
+      value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+    out[_torch_name(path)] = value
+  return out
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+  parts = []
+  for p in path[:-1]:
+    m = re.fullmatch(r"(.*)_(\d+)", p)
+    parts.extend([m.group(1), m.group(2)] if m else [p])
+  leaf = path[-1]
+  parts.append({"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf))
+  return ".".join(parts)
+
+
+def _subtree(tree, path):
+  for p in path:
+    if not isinstance(tree, Mapping) or p not in tree:
+      return None
+    tree = tree[p]
+  return tree if isinstance(tree, Mapping) else None
+
+
+def _flatten(tree, prefix=()):
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, prefix + (k,)))
+    else:
+      out[prefix + (k,)] = v
+  return out
+
+
+def _unflatten(flat):
+  out: dict = {}
+  for path, v in flat.items():
+    d = out
+    for p in path[:-1]:
+      d = d.setdefault(p, {})
+    d[path[-1]] = v
+  return out

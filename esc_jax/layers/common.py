@@ -1,0 +1,54 @@
+"""Torch-equivalent building blocks: Linear, Conv2d and LayerNorm with PyTorch's
+defaults (initialisation, eps), so that a freshly initialised model trains like
+the original and converted weights drop in unchanged.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+# nn.LayerNorm(eps=1e-5) in PyTorch; Flax's default is 1e-6 (SPEC).
+LN_EPS = 1e-5
+
+
+def torch_kernel_init():
+  """`kaiming_uniform_(a=sqrt(5))` = U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  return nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+
+
+def torch_bias_init(fan_in: int):
+  """PyTorch's Linear/Conv bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / np.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def Linear(features: int, fan_in: int, use_bias: bool = True, dtype=jnp.float32,
+           name: str | None = None) -> nn.Dense:
+  """`torch.nn.Linear(fan_in, features, bias=use_bias)`; kernel is (in, out)."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  kernel_init=torch_kernel_init(), bias_init=torch_bias_init(fan_in),
+                  name=name)
+
+
+def Conv2d(features: int, in_features: int, kernel: tuple[int, int], stride=(1, 1),
+           padding=((0, 0), (0, 0)), dtype=jnp.float32, name: str | None = None) -> nn.Conv:
+  """`torch.nn.Conv2d` on NHWC inputs; kernel is (kh, kw, in, out)."""
+  fan_in = in_features * kernel[0] * kernel[1]
+  return nn.Conv(features, kernel_size=tuple(kernel), strides=tuple(stride), padding=padding,
+                 dtype=dtype, param_dtype=jnp.float32, kernel_init=torch_kernel_init(),
+                 bias_init=torch_bias_init(fan_in), name=name)
+
+
+def LayerNorm(name: str | None = None, dtype=jnp.float32) -> nn.LayerNorm:
+  """`torch.nn.LayerNorm(C)` (eps 1e-5, statistics in float32)."""
+  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+def gelu(x: jnp.ndarray) -> jnp.ndarray:
+  """`torch.nn.GELU()`: the exact erf form (Flax defaults to tanh)."""
+  return nn.gelu(x, approximate=False)
