@@ -24,8 +24,8 @@ Notes:
 """
 from __future__ import annotations
 
+import _compat_pickle  # stdlib: py2 -> py3 global names, messages only
 import collections
-import dataclasses
 import os
 import pickle
 import struct
@@ -88,29 +88,56 @@ _STORAGE_TYPES: dict[str, str] = {
 }
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _DType:
-  """Stand-in for a torch dtype or storage class (immutable, not callable)."""
+class _Frozen:
+  """Immutable slotted base: pickle's BUILD opcode cannot alter instances.
+
+  (No `__dict__`, no `__setstate__`, and `setattr` raises, so a crafted pickle
+  cannot rewire the shared allow-list objects.)
+  """
+  __slots__ = ()
+
+  def __init__(self, **fields: Any):
+    for key, value in fields.items():
+      object.__setattr__(self, key, value)
+
+  def __setattr__(self, key: str, value: Any) -> None:
+    raise AttributeError(f"{type(self).__name__} is immutable")
+
+  __delattr__ = __setattr__
+
+
+class _DType(_Frozen):
+  """Stand-in for a torch dtype or storage class (not callable)."""
+  __slots__ = ("torch_name",)
   torch_name: str
+
+  def __init__(self, torch_name: str):
+    super().__init__(torch_name=torch_name)
 
   @property
   def np_dtype(self) -> np.dtype:
     return _DTYPES[self.torch_name]
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Storage:
+class _Storage(_Frozen):
   """A typed view of one `data/<key>` record."""
+  __slots__ = ("key", "dtype", "array")
   key: str
   dtype: _DType
   array: np.ndarray  # 1-D, stored byte order
 
+  def __init__(self, key: str, dtype: _DType, array: np.ndarray):
+    super().__init__(key=key, dtype=dtype, array=array)
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _Global:
-  """Immutable callable wrapper handed out by `find_class`."""
+
+class _Global(_Frozen):
+  """Callable stand-in for an allow-listed function."""
+  __slots__ = ("name", "fn")
   name: str
   fn: Callable[..., Any]
+
+  def __init__(self, name: str, fn: Callable[..., Any]):
+    super().__init__(name=name, fn=fn)
 
   def __call__(self, *args: Any) -> Any:
     return self.fn(*args)
@@ -185,6 +212,11 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
 _ALLOWED = _allowed_globals()
 
 
+def _quote(text: str) -> str:
+  """'text', or its repr when it holds newlines or other unprintables."""
+  return f"'{text}'" if text.isprintable() else repr(text)
+
+
 def _decode(value: Any) -> Any:
   return value.decode("ascii") if isinstance(value, bytes) else value
 
@@ -206,10 +238,18 @@ class _Unpickler(pickle.Unpickler):
     try:
       return _ALLOWED[(module, name)]
     except KeyError:
-      raise UnsafeCheckpointError(
-          f"refusing to load global '{module}.{name}' from {self._path}: only "
-          f"tensor/storage rebuild functions and plain containers are allowed"
-      ) from None
+      pass
+    # Report the name Python 3 would resolve (protocol 2 writes
+    # `__builtin__.eval` for `builtins.eval`); nothing is imported.
+    py3 = _compat_pickle.NAME_MAPPING.get(
+        (module, name),
+        (_compat_pickle.IMPORT_MAPPING.get(module, module), name))
+    shown = _quote(f"{py3[0]}.{py3[1]}")
+    if py3 != (module, name):
+      shown += f" (pickled as {_quote(f'{module}.{name}')})"
+    raise UnsafeCheckpointError(
+        f"refusing to load global {shown} from {self._path}: only "
+        f"tensor/storage rebuild functions and plain containers are allowed")
 
   def persistent_load(self, pid: Any) -> _Storage:
     if (not isinstance(pid, tuple) or len(pid) != 5
