@@ -9,6 +9,8 @@ All functions are batched, jit-able and differentiable.
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -195,7 +197,6 @@ def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
   Returns:
     (L,) float32.
   """
-  import os
   import soundfile as sf
   import soxr
 
@@ -224,8 +225,6 @@ def write_audio(path, audio, sr: int = SAMPLE_RATE, subtype: str | None = None) 
     audio: (L,) or (L, C) float samples in [-1, 1]; clipped for integer subtypes.
     subtype: soundfile subtype (default: the format's default, PCM_16 for WAV).
   """
-  import os
-  import tempfile
   import soundfile as sf
 
   path = os.fspath(path)
