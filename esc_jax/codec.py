@@ -222,3 +222,26 @@ class ESC(nn.Module):
   def decode(self, codes):
     """codes (B, s, group_size, T') -> (B, 80*(4T'-1)) audio."""
     return self.wave(self.decode_features(codes)[1])
+
+
+MODEL_NAMES = ("csvq+swinT",)
+
+
+def make_model(model_config, model_name: str = "csvq+swinT", dtype=jnp.float32) -> ESC:
+  """Build ESC from the original constructor keywords (`config.model` or a release's `model:`)."""
+  if model_name not in MODEL_NAMES:
+    raise ValueError(f"model_name {model_name!r} is not supported; expected one of {MODEL_NAMES}")
+  kw = dict(model_config)
+  fields = set(ESC.__dataclass_fields__) - {"parent", "name", "dtype"}
+  unknown = sorted(set(kw) - fields)
+  if unknown:
+    raise ValueError(f"unknown ESC model keyword(s) {unknown}; valid: {sorted(fields)}")
+  for k in ("h_dims", "patch_size", "swin_heads", "codebook_dims"):
+    if k in kw:
+      kw[k] = tuple(kw[k])
+  return ESC(**kw, dtype=dtype)
+
+
+def num_params(params) -> int:
+  import jax
+  return sum(int(p.size) for p in jax.tree_util.tree_leaves(params))

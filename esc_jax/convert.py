@@ -117,11 +117,15 @@ def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
+# Module lists of the original (`nn.ModuleList` attributes): `name_i` <-> `name.i`.
+_LISTS = ("blocks", "swint_blocks", "quantizers", "vqs", "down_projs", "up_projs")
+
+
 def _torch_name(path: tuple[str, ...]) -> str:
   parts = []
   for p in path[:-1]:
     m = re.fullmatch(r"(.*)_(\d+)", p)
-    parts.extend([m.group(1), m.group(2)] if m else [p])
+    parts.extend([m.group(1), m.group(2)] if m and m.group(1) in _LISTS else [p])
   leaf = path[-1]
   parts.append({"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf))
   return ".".join(parts)

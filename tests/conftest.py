@@ -1,6 +1,40 @@
-"""Test-wide JAX settings: exact float32 matmuls for parity with PyTorch."""
+"""Test-wide settings and the golden fixture of the original PyTorch ESC."""
 from __future__ import annotations
 
-import jax
+import json
+import pathlib
 
+import jax
+import numpy as np
+import pytest
+
+# Exact float32 matmuls for parity with PyTorch.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+TINY = FIXTURES / "esc_tiny"
+
+
+@pytest.fixture(scope="session")
+def golden():
+  return dict(np.load(TINY / "golden.npz"))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+  return json.loads((TINY / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_state_dict():
+  return dict(np.load(TINY / "state_dict.npz"))
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_config, tiny_state_dict):
+  """(model, params) of the fixture with the original weights mapped in."""
+  from esc_jax.codec import make_model
+  from esc_jax.convert import state_dict_to_params
+  model = make_model(tiny_config)
+  template = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 15920), np.float32))
+  return model, state_dict_to_params(tiny_state_dict, template["params"])
