@@ -191,6 +191,6 @@ def test_invalid_arguments(tiny, golden):
   with pytest.raises(ValueError, match="num_streams"):
     model.apply({"params": params}, golden["audio"], 7, method=ESC.encode)
   with pytest.raises(ValueError, match="multiple of overlap"):
-    model.apply({"params": params}, golden["audio"][:, :15600], 6, method=ESC.encode)
+    model.apply({"params": params}, golden["audio"][:, :15760], 6, method=ESC.encode)
   with pytest.raises(ValueError, match="unknown ESC model keyword"):
     make_model(dict(ESC_BASE, bogus=1))
