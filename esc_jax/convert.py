@@ -8,6 +8,8 @@ accepted (first release: `pre_swin`/`post_swin`, `vqs.{m}.proj_down`/`proj_up`).
 """
 from __future__ import annotations
 
+import hashlib
+import pathlib
 import re
 from typing import Any, Mapping
 
@@ -157,3 +159,83 @@ def _unflatten(flat):
       d = d.setdefault(p, {})
     d[path[-1]] = v
   return out
+
+
+# ---- released checkpoints -> codec directories ----
+
+def read_model_config(path) -> tuple[dict, str]:
+  """A release's config.yaml (`model:` + `model_name`) or a bare JSON/YAML mapping of
+  the constructor keywords. Returns (model kwargs, model_name)."""
+  import yaml  # JSON is YAML, so one parser serves both
+
+  try:
+    cfg = yaml.safe_load(pathlib.Path(path).read_text())
+  except FileNotFoundError:
+    raise ConversionError(f"config file not found: {path}") from None
+  except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+    raise ConversionError(f"{path}: unreadable config ({type(e).__name__})") from None
+  if not isinstance(cfg, Mapping):
+    raise ConversionError(f"{path}: config must be a mapping of model keywords")
+  if isinstance(cfg.get("model"), Mapping):
+    return dict(cfg["model"]), str(cfg.get("model_name", "csvq+swinT"))
+  return dict(cfg), "csvq+swinT"
+
+
+def unwrap_state_dict(obj, where: str) -> dict:
+  """`{"model_state_dict": sd}` or a bare state dict -> {name: array}."""
+  if isinstance(obj, Mapping) and isinstance(obj.get("model_state_dict"), Mapping):
+    obj = obj["model_state_dict"]
+  if not isinstance(obj, Mapping) or not obj:
+    raise ConversionError(f"{where}: not a state dict (expected a mapping of parameter names to tensors)")
+  bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
+  if bad:
+    raise ConversionError(f"{where}: not a state dict (entry {bad[0]!r} is not a named tensor)")
+  return dict(obj)
+
+
+def sha256_file(path) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+def convert_checkpoint(checkpoint, output, config=None, overwrite: bool = False):
+  """Convert a released `model.pth` (+ config) into a codec directory for `esc_jax.load`.
+
+  Args:
+    checkpoint: path of the `.pth` file (read without torch, restricted unpickler).
+    output: codec directory to create (written to a temp dir, renamed when complete).
+    config: release `config.yaml` or JSON/YAML keywords; default `config.yaml` beside
+      the checkpoint.
+    overwrite: replace an existing `output`.
+  Returns: (output path, number of parameters).
+  """
+  from esc_jax.checkpoint import model_template, save_codec
+  from esc_jax.codec import make_model
+  from esc_jax.torch_pickle import load_pth
+
+  checkpoint = pathlib.Path(checkpoint)
+  output = pathlib.Path(output)
+  if output.exists() and not overwrite:
+    raise ConversionError(f"output {output} already exists (use --overwrite to replace it)")
+  if config is None:
+    config = checkpoint.parent / "config.yaml"
+    if not config.is_file():
+      raise ConversionError(f"no --config given and no config.yaml beside {checkpoint}")
+  model_cfg, model_name = read_model_config(config)
+  try:
+    model = make_model(model_cfg, model_name)
+    template = model_template(model)
+  except (TypeError, ValueError) as e:
+    raise ConversionError(f"{config}: invalid model config ({e})") from None
+  state_dict = unwrap_state_dict(load_pth(checkpoint), str(checkpoint))
+  try:
+    params = state_dict_to_params(state_dict, template)
+  except ConversionError as e:
+    raise ConversionError(f"{checkpoint} does not fit the model of {config}: {e}") from None
+  extra = {"source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint),
+                      "config": pathlib.Path(config).name}}
+  save_codec(output, params, model_cfg, model_name, extra=extra, overwrite=overwrite)
+  return output, sum(int(v.size) for v in _flatten(params).values())
