@@ -38,3 +38,13 @@ def tiny(tiny_config, tiny_state_dict):
   model = make_model(tiny_config)
   template = jax.eval_shape(model.init, jax.random.PRNGKey(0), np.zeros((1, 15920), np.float32))
   return model, state_dict_to_params(tiny_state_dict, template["params"])
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_dir(tmp_path_factory, tiny_config, tiny_state_dict):
+  """A codec directory (esc_jax.save_codec) holding the fixture's original weights."""
+  from esc_jax.checkpoint import model_template, save_codec
+  from esc_jax.codec import make_model
+  from esc_jax.convert import state_dict_to_params
+  params = state_dict_to_params(tiny_state_dict, model_template(make_model(tiny_config)))
+  return save_codec(tmp_path_factory.mktemp("codec") / "esc_tiny", params, tiny_config)
