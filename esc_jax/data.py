@@ -1,0 +1,226 @@
+"""Training and validation audio for ESC (grain input pipeline).
+
+Training stream (deterministic, checkpointable):
+
+  files (sorted, recursive) -> shuffle (reshuffled every epoch) -> repeat forever
+    -> random crop of `clip_samples` at 16 kHz (mono mix, soxr resampling,
+       zero-padding of short files) -> this process's elements -> batches
+
+Element i of the global stream depends only on (files, seed, i), so batch k of a
+run is the same whatever the number of workers or processes: process p of P takes
+elements p, p + P, ... and its k-th local batch of B/P clips; together the P local
+batches of step k hold exactly elements [k*B, (k+1)*B) of the global stream.
+The iterator's `get_state()` / `set_state()` (a small JSON-able dict) resumes it.
+
+Files whose header cannot be read are logged and left out when the folder is
+scanned; a file that fails later (corrupt data) is logged once and replaced by the
+next readable file, so one bad file never stops a run.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import pathlib
+from typing import Iterator, Sequence
+
+from absl import logging
+import numpy as np
+
+SAMPLE_RATE = 16000
+AUDIO_EXTENSIONS = (".wav", ".flac")
+
+
+class DataError(ValueError):
+  """No usable training or validation audio (one clear line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioFile:
+  path: str
+  frames: int  # at the file's own sample rate
+  sample_rate: int
+
+  def frames_at(self, sr: int = SAMPLE_RATE) -> int:
+    """Length after resampling to `sr`."""
+    return int(self.frames * sr // self.sample_rate)
+
+
+def list_audio_files(folder) -> list[str]:
+  """Sorted paths of all .wav/.flac files under `folder` (recursive)."""
+  root = pathlib.Path(folder)
+  if not str(folder) or not root.is_dir():
+    raise DataError(f"audio folder {str(folder)!r} does not exist or is not a directory")
+  return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+def _probe(path: str) -> AudioFile | str:
+  import soundfile as sf
+  try:
+    info = sf.info(path)
+  except Exception as e:  # libsndfile raises several types for corrupt headers
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+  if info.frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
+    return "no samples"
+  return AudioFile(path, int(info.frames), int(info.samplerate))
+
+
+def scan_audio_files(folder, num_threads: int = 16) -> list[AudioFile]:
+  """Readable audio files under `folder`; unreadable ones are logged and skipped.
+
+  Raises:
+    DataError: missing folder, no audio files, or none of them readable.
+  """
+  paths = list_audio_files(folder)
+  if not paths:
+    raise DataError(f"no {'/'.join(AUDIO_EXTENSIONS)} files under {folder}")
+  with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+    probed = list(pool.map(_probe, paths))
+  files = []
+  for path, p in zip(paths, probed):
+    if isinstance(p, AudioFile):
+      files.append(p)
+    else:
+      logging.warning("skipping unreadable audio file %s (%s)", path, p)
+  if not files:
+    raise DataError(f"none of the {len(paths)} audio files under {folder} is readable")
+  if len(files) < len(paths):
+    logging.warning("%d of %d audio files under %s are unreadable and skipped",
+                    len(paths) - len(files), len(paths), folder)
+  return files
+
+
+def read_clip(f: AudioFile, offset: int, n: int, sr: int = SAMPLE_RATE) -> np.ndarray:
+  """Samples [offset, offset + n) of `f` resampled to `sr`, mono, zero-padded to n.
+
+  Only the needed part of the file is read (plus a margin for the resampling filter).
+  Raises ValueError for unreadable data or non-finite samples.
+  """
+  import soundfile as sf
+  import soxr
+
+  if f.sample_rate == sr:
+    start, count, skip = offset, n, 0
+  else:  # a margin of whole resampling periods, so the crop lines up exactly
+    g = math.gcd(f.sample_rate, sr)
+    period_in, period_out = f.sample_rate // g, sr // g
+    k = -(-256 // period_in)  # >= 256 input samples of filter context
+    start_exact = offset * f.sample_rate / sr
+    first = max(0, int(start_exact // period_in) - k)  # in periods
+    start = first * period_in
+    skip = offset - first * period_out
+    count = int(math.ceil((offset + n) * f.sample_rate / sr)) - start + k * period_in
+  try:
+    data = sf.read(f.path, frames=max(count, 0), start=start, dtype="float32", always_2d=True)[0]
+  except Exception as e:
+    raise ValueError(f"cannot read {f.path}: {type(e).__name__}: {e}") from e
+  if not np.all(np.isfinite(data)):
+    raise ValueError(f"{f.path} contains NaN or infinite samples")
+  x = data.mean(axis=1, dtype=np.float32)
+  if f.sample_rate != sr and x.size:
+    x = soxr.resample(x, f.sample_rate, sr, quality="VHQ")[skip:]
+  x = x[:n]
+  return np.pad(x, (0, n - x.size)).astype(np.float32)
+
+
+class RandomCrop:
+  """grain random map: file index -> (clip_samples,) float32 random crop at 16 kHz.
+
+  A file that fails to read is logged once (per worker) and the next file in the
+  list is used instead, deterministically.
+  """
+
+  def __init__(self, files: Sequence[AudioFile], clip_samples: int, sample_rate: int = SAMPLE_RATE):
+    self.files = list(files)
+    self.clip_samples = int(clip_samples)
+    self.sample_rate = int(sample_rate)
+    self._bad: set[str] = set()
+
+  def __call__(self, index, rng: np.random.Generator) -> np.ndarray:
+    n = len(self.files)
+    for k in range(n):
+      f = self.files[(int(index) + k) % n]
+      if f.path in self._bad:
+        continue
+      room = f.frames_at(self.sample_rate) - self.clip_samples
+      offset = int(rng.integers(0, room + 1)) if room > 0 else 0
+      try:
+        return read_clip(f, offset, self.clip_samples, self.sample_rate)
+      except (ValueError, OSError) as e:
+        self._bad.add(f.path)
+        logging.warning("skipping unreadable audio file %s (%s)", f.path, e)
+    raise DataError(f"none of the {n} training files could be read")
+
+
+def train_dataset(files: Sequence[AudioFile], clip_samples: int, batch_size: int, seed: int,
+                  process_index: int = 0, process_count: int = 1, sample_rate: int = SAMPLE_RATE):
+  """Infinite grain MapDataset of this process's (batch_size // process_count, clip) batches."""
+  import grain
+
+  if batch_size % process_count:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {process_count} processes")
+  ds = (grain.MapDataset.range(len(files)).seed(int(seed) % 2**32).shuffle().repeat(None)
+        .random_map(RandomCrop(files, clip_samples, sample_rate)))
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  return ds.batch(batch_size // process_count, drop_remainder=True)
+
+
+def train_iterator(folder, clip_samples: int, batch_size: int, seed: int, num_workers: int = 0,
+                   process_index: int | None = None, process_count: int | None = None,
+                   sample_rate: int = SAMPLE_RATE, num_threads: int = 4):
+  """Checkpointable iterator of (local_batch, clip_samples) float32 numpy batches.
+
+  Args:
+    folder: training audio (recursive, wav/flac, any rate and channel count).
+    batch_size: global batch (all processes together).
+    num_workers: grain worker processes (0: read in this process with threads).
+  Returns: a grain DatasetIterator (`next`, `get_state`, `set_state`, `close`).
+  """
+  import grain
+
+  if process_index is None or process_count is None:
+    import jax
+    process_index, process_count = jax.process_index(), jax.process_count()
+  files = scan_audio_files(folder)
+  logging.info("training data: %d files under %s", len(files), folder)
+  ds = train_dataset(files, clip_samples, batch_size, seed, process_index, process_count, sample_rate)
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=4))
+  if num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags in its workers
+      flags.FLAGS.mark_as_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+  return iter(it)
+
+
+def load_clips(folder, clip_samples: int, max_files: int | None = None,
+               sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, list[str]]:
+  """The first `clip_samples` of each file (zero-padded), for validation.
+
+  Returns: ((N, clip_samples) float32, their paths); unreadable files are skipped.
+  """
+  from esc_jax.audio import load_audio
+
+  paths = list_audio_files(folder)
+  clips, used = [], []
+  for p in paths:
+    if max_files is not None and len(used) >= max_files:
+      break
+    try:
+      x = load_audio(p, sample_rate)[:clip_samples]
+    except (ValueError, OSError) as e:
+      logging.warning("skipping unreadable audio file %s (%s)", p, e)
+      continue
+    clips.append(np.pad(x, (0, clip_samples - x.size)))
+    used.append(p)
+  if not clips:
+    raise DataError(f"no readable {'/'.join(AUDIO_EXTENSIONS)} files under {folder}")
+  return np.stack(clips).astype(np.float32), used
+
+
+def batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
+  """(N, L) -> (batch_size, L) chunks, the last zero-padded; yields (chunk, valid rows)."""
+  for i in range(0, len(x), batch_size):
+    b = x[i:i + batch_size]
+    yield np.pad(b, ((0, batch_size - len(b)), (0, 0))), len(b)
