@@ -252,6 +252,7 @@ def write_stream(path: str | os.PathLike, data: bytes) -> None:
       f.write(data)
       f.flush()
       os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temp file, not the result
     os.replace(tmp, path)
   except BaseException:
     try:
