@@ -61,31 +61,48 @@ def window_reverse(x, window: int, hp: int, wp: int):
 
 
 class WindowAttention(nn.Module):
-  """Multi-head self-attention inside w x w windows with relative position bias."""
+  """Multi-head self-attention inside w x w windows with relative position bias.
+
+  Split in two so the per-token projections skip the window padding: `qkv`
+  maps real tokens (its bias is added after padding, so padded tokens get
+  exactly the bias, as zero vectors would), `attend` mixes tokens within
+  windows, and `proj` runs after the padding is cropped again.
+  """
   dim: int
   num_heads: int
   window: int = 4
   dtype: jnp.dtype = jnp.float32
 
-  @nn.compact
-  def __call__(self, x, mask=None):
-    """x: (B, nW, N, C); mask: (nW, N, N) or None. Returns (B, nW, N, C)."""
-    b, nw, n, c = x.shape
-    hd = c // self.num_heads
-    table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
-                       ((2 * self.window - 1) ** 2, self.num_heads), jnp.float32)
-    qkv = Linear(3 * c, c, dtype=self.dtype, name="qkv")(x)
-    qkv = qkv.reshape(b, nw, n, 3, self.num_heads, hd)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    q = q * (hd ** -0.5)
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k).astype(jnp.float32)
-    bias = table[relative_position_index(self.window).reshape(-1)]
-    logits = logits + bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
+  def setup(self):
+    c = self.dim
+    self.relative_position_bias_table = self.param(
+        "relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+        ((2 * self.window - 1) ** 2, self.num_heads), jnp.float32)
+    self.qkv = Linear(3 * c, c, dtype=self.dtype)
+    self.proj = Linear(c, c, dtype=self.dtype)
+
+  def qkv_unbiased(self, x):
+    """(..., C) -> (..., 3C) without the bias (added by `attend`)."""
+    return self.qkv.matmul(x)
+
+  def attend(self, qkv, mask=None):
+    """qkv: (B, nW, N, 3C) unbiased projections; mask: (nW, N, N) or None -> (B, nW, N, C)."""
+    b, nw, n, _ = qkv.shape
+    c, h = self.dim, self.num_heads
+    qkv = self.qkv.add_bias(qkv)
+    qkv = qkv.reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
+    q, k, v = qkv[0] * ((c // h) ** -0.5), qkv[1], qkv[2]
+    logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)  # (B, nW, h, N, N)
+    bias = self.relative_position_bias_table[relative_position_index(self.window).reshape(-1)]
+    logits = logits + bias.reshape(n, n, h).transpose(2, 0, 1)
     if mask is not None:
-      logits = logits + mask[None, :, None]
+      logits = logits + mask[:, None]
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bwhqk,bwkhd->bwqhd", attn, v).reshape(b, nw, n, c)
-    return Linear(c, c, dtype=self.dtype, name="proj")(out)
+    return (attn @ v).transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
+
+  def __call__(self, x, mask=None):
+    """Unpadded convenience form: x (B, nW, N, C) -> (B, nW, N, C)."""
+    return self.proj(self.attend(self.qkv_unbiased(x), mask))
 
 
 class FeedForward(nn.Module):
@@ -118,18 +135,18 @@ class SwinBlock(nn.Module):
     """x: (B, H, W, C) -> (B, H, W, C)."""
     b, h, w, c = x.shape
     ws = self.window
-    y = LayerNorm(name="norm1")(x).astype(self.dtype)
     hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-    y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+    attn = WindowAttention(c, self.num_heads, ws, self.dtype, name="attn")
+    y = attn.qkv_unbiased(LayerNorm(name="norm1")(x))
+    y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))  # padded tokens: zero after norm1
     mask = None
     if self.shift > 0:
       y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
       mask = jnp.asarray(shift_mask(hp, wp, ws, self.shift))
-    y = WindowAttention(c, self.num_heads, ws, self.dtype, name="attn")(window_partition(y, ws), mask)
-    y = window_reverse(y, ws, hp, wp)
+    y = window_reverse(attn.attend(window_partition(y, ws), mask), ws, hp, wp)
     if self.shift > 0:
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
-    x = x + y[:, :h, :w].astype(x.dtype)
+    x = x + attn.proj(y[:, :h, :w]).astype(x.dtype)
     y = FeedForward(c, int(c * self.mlp_ratio), self.dtype, name="mlp")(
         LayerNorm(name="norm2")(x).astype(self.dtype))
     return x + y.astype(x.dtype)

@@ -27,12 +27,29 @@ def torch_bias_init(fan_in: int):
   return init
 
 
-def Linear(features: int, fan_in: int, use_bias: bool = True, dtype=jnp.float32,
-           name: str | None = None) -> nn.Dense:
-  """`torch.nn.Linear(fan_in, features, bias=use_bias)`; kernel is (in, out)."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  kernel_init=torch_kernel_init(), bias_init=torch_bias_init(fan_in),
-                  name=name)
+class Linear(nn.Module):
+  """`torch.nn.Linear(in_features, features, bias=use_bias)`; kernel is (in, out).
+
+  `matmul` and `add_bias` expose the two halves for layers that pad in between.
+  """
+  features: int
+  in_features: int
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.kernel = self.param("kernel", torch_kernel_init(), (self.in_features, self.features), jnp.float32)
+    if self.use_bias:
+      self.bias = self.param("bias", torch_bias_init(self.in_features), (self.features,), jnp.float32)
+
+  def matmul(self, x):
+    return jnp.dot(x.astype(self.dtype), self.kernel.astype(self.dtype))
+
+  def add_bias(self, y):
+    return y + self.bias.astype(y.dtype) if self.use_bias else y
+
+  def __call__(self, x):
+    return self.add_bias(self.matmul(x))
 
 
 def Conv2d(features: int, in_features: int, kernel: tuple[int, int], stride=(1, 1),
@@ -42,6 +59,29 @@ def Conv2d(features: int, in_features: int, kernel: tuple[int, int], stride=(1, 
   return nn.Conv(features, kernel_size=tuple(kernel), strides=tuple(stride), padding=padding,
                  dtype=dtype, param_dtype=jnp.float32, kernel_init=torch_kernel_init(),
                  bias_init=torch_bias_init(fan_in), name=name)
+
+
+class ConvParams(nn.Module):
+  """The parameters of a `Conv2d` (kernel (kh, kw, in, out), bias (out,)) without applying it,
+  for layers that compute with the weights in another form (same names as nn.Conv)."""
+  features: int
+  in_features: int
+  kernel: tuple[int, int]
+
+  @nn.compact
+  def __call__(self):
+    fan_in = self.in_features * self.kernel[0] * self.kernel[1]
+    k = self.param("kernel", torch_kernel_init(), (*self.kernel, self.in_features, self.features),
+                   jnp.float32)
+    b = self.param("bias", torch_bias_init(fan_in), (self.features,), jnp.float32)
+    return k, b
+
+
+def conv2d(x, kernel, bias=None, padding=((0, 0), (0, 0))):
+  """Stride-1 NHWC cross-correlation (`torch.nn.functional.conv2d` with zero padding)."""
+  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), padding,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y if bias is None else y + bias.astype(y.dtype)
 
 
 def LayerNorm(name: str | None = None, dtype=jnp.float32) -> nn.LayerNorm:

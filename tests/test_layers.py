@@ -1,0 +1,37 @@
+"""Layer-level properties of the fast paths (exact rewrites of the original's ops)."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from esc_jax.layers.attention import relative_position_index, shift_mask
+from esc_jax.layers.scale import PatchDeEmbed
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 10, 6), (1, 5, 7, 4), (1, 3, 3, 5), (1, 2, 4, 3)])
+def test_fused_deembed_equals_two_convolutions(shape):
+  key = jax.random.PRNGKey(sum(shape))
+  x = jax.random.normal(key, shape)
+  fused = PatchDeEmbed(2, shape[-1])
+  params = fused.init(key, x)
+  params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), params)
+  ours = np.asarray(fused.apply(params, x))
+  ref = np.asarray(PatchDeEmbed(2, shape[-1], fused=False).apply(params, x))
+  assert ours.shape == (shape[0], 3 * shape[1], 2 * shape[2], 2)
+  np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+
+
+def test_relative_position_index_is_swin():
+  idx = relative_position_index(4)
+  assert idx.shape == (16, 16) and idx.min() == 0 and idx.max() == 48
+  assert np.all(np.diag(idx) == 24)  # zero offset sits at the table centre
+  assert idx[0, 15] == (0 - 3 + 3) * 7 + (0 - 3 + 3) and idx[15, 0] == 48
+
+
+def test_shift_mask_regions():
+  m = shift_mask(8, 8, 4, 2)
+  assert m.shape == (4, 16, 16)
+  assert np.all(m[0] == 0)  # the top-left window lies in a single region
+  assert set(np.unique(m[3])) == {0.0, -100.0}
+  np.testing.assert_array_equal(m, np.transpose(m, (0, 2, 1)))
