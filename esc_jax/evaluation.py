@@ -1,0 +1,450 @@
+"""Evaluate a codec on speech at every bitrate (the original's scripts/test.py, extended).
+
+  codec = esc_jax.load("codec_dir")
+  result = evaluate(codec, find_audio_files("speech/"), num_streams=None, batch_size=8)
+  print(format_table(result)); save_results(result, "eval_results")
+
+Metrics per file (identical to the original's scripts/metrics.py): wide-band
+PESQ, mel distance, SI-SDR, plus STOI; per bitrate: their mean and (population)
+standard deviation over the files, and the bitrate utilisation of all codes of
+the set (rounded to 4 decimals like the original's EntropyCounter; the exact
+value is kept as `utilization_exact`).
+
+Exactness and batching:
+- Every clip is evaluated at its full length n: zero-padded to the codec's
+  valid length (`fit="pad"`, as `Codec.reconstruct` does) and the output
+  trimmed back to n; or cut to the largest valid length <= n (`fit="crop"`:
+  the original's protocol, whose 48000-sample test clips lose their last 80
+  samples and are never padded).
+- Clips are sorted by length and batched with clips of the same padded
+  length; the batch axis is filled up with silent rows (batch items are
+  independent, so this is exact). With the default `bucket_growth=None`
+  the padded length is each clip's own valid length, so every per-file value
+  equals that of `Codec.reconstruct` on the clip alone. A test set of
+  equal-length clips gives one shape, i.e. one compile per bitrate.
+- `bucket_growth=g` (e.g. 1.25) instead pads to the next length on a fixed
+  geometric grid of code frames (ratio g), so a set of varied lengths needs
+  only ~log(max/min)/log(g) shapes. This is fast but approximate: the Swin
+  windows and the STFT's reflect padding see the extra zeros, so the last
+  few hundred ms of a reconstruction (and its last codes) can differ from
+  the clip evaluated alone.
+- Metrics never see padding: mel distance and SI-SDR run as one jitted batch
+  function per batch shape that rebuilds each item's exact-length reflect
+  padding from its length and masks frames/samples past it (equal to the
+  per-file computation up to float summation order); PESQ and STOI run in
+  numpy on the trimmed signals; codes are trimmed to the clip's own number of
+  code frames before counting.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import pathlib
+import sys
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esc_jax import metrics as M
+from esc_jax.audio import SAMPLE_RATE, hann_window, load_audio, mel_filterbank, safe_magnitude
+from esc_jax.losses import CLAMP_EPS, MEL_BINS, MEL_WINDOWS
+
+METRICS = ("pesq", "stoi", "mel_distance", "si_sdr")
+METRIC_LABELS = {"pesq": "PESQ", "stoi": "STOI", "mel_distance": "MelDist", "si_sdr": "SI-SDR",
+                 "utilization": "Util"}
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
+                    ".caf", ".w64", ".rf64", ".wavex")
+# The widest mel scale (2048) reflect-pads 1024 samples, which needs n > 1024.
+MIN_SAMPLES = max(MEL_WINDOWS) // 2 + 1
+
+
+# ---------------------------------------------------------------------------
+# Inputs
+# ---------------------------------------------------------------------------
+
+
+def find_audio_files(folder, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[pathlib.Path]:
+  """Audio files under `folder` (recursive, sorted, hidden entries skipped)."""
+  folder = pathlib.Path(folder)
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder}: no such folder")
+  exts = {e.lower() for e in extensions}
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    found += [pathlib.Path(root, f) for f in files
+              if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
+  return sorted(found)
+
+
+def load_clips(items) -> tuple[list[str], list[np.ndarray], list[dict]]:
+  """Paths / arrays / {name: path or array} -> (names, 16 kHz mono float32 arrays, skipped).
+
+  Unreadable files are not fatal: each is listed in `skipped` as
+  {"name", "reason"}.
+  """
+  pairs = list(items.items()) if isinstance(items, Mapping) else [
+      (os.fspath(it) if isinstance(it, (str, os.PathLike)) else f"clip{i}", it)
+      for i, it in enumerate(items)]
+  names, clips, skipped = [], [], []
+  for name, it in pairs:
+    try:
+      if isinstance(it, (str, os.PathLike)):
+        x = load_audio(it)
+      else:
+        x = np.asarray(it)
+        if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
+          raise ValueError(f"expected (L,) float audio, got {x.dtype} {x.shape}")
+        x = x.astype(np.float32)
+        if not np.all(np.isfinite(x)):
+          raise ValueError("audio contains NaN or infinite samples")
+    except (OSError, ValueError) as e:
+      skipped.append({"name": str(name), "reason": str(e)})
+      continue
+    names.append(str(name))
+    clips.append(x)
+  return names, clips, skipped
+
+
+# ---------------------------------------------------------------------------
+# Masked batch metrics (exact-length values from padded batches)
+# ---------------------------------------------------------------------------
+
+
+def _reflect_gather(x: jnp.ndarray, n: jnp.ndarray, pad: int, size: int) -> jnp.ndarray:
+  """Item b's first n[b] samples reflect-padded by `pad` on both sides (`size` samples).
+
+  Equals `np.pad(x[b, :n[b]], pad, "reflect")` on its first n[b] + 2 pad
+  samples; what follows is filler for frames the caller masks out.
+  """
+  p = jnp.abs(jnp.arange(size) - pad)[None]  # reflect at the start
+  last = (n - 1)[:, None]
+  idx = jnp.where(p > last, 2 * last - p, p)  # reflect at the end
+  return jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1), axis=1)
+
+
+def _log_mel_l1(x, y, n, w: int, n_mels: int, sr: int, clamp_eps: float):
+  """Per item mean |log10 mel_x^2 - log10 mel_y^2| over the item's own frames."""
+  hop, pad = w // 4, w // 2
+  frames = 1 + x.shape[1] // hop
+  fidx = np.arange(frames)[:, None] * hop + np.arange(w)[None]  # (T, w)
+  win = hann_window(w, w)
+  fb = mel_filterbank(sr, w, n_mels)
+
+  def log_mel(a):
+    spec = jnp.fft.rfft(_reflect_gather(a, n, pad, (frames - 1) * hop + w)[:, fidx] * win, axis=-1)
+    mel = jnp.einsum("btf,fm->btm", safe_magnitude(spec.real, spec.imag), fb, precision="highest")
+    return jnp.log10(jnp.square(jnp.maximum(mel, clamp_eps)))
+
+  t_n = 1 + n // hop  # the item's own frame count
+  mask = jnp.arange(frames)[None] < t_n[:, None]
+  d = jnp.sum(jnp.abs(log_mel(x) - log_mel(y)), axis=2)
+  return jnp.sum(jnp.where(mask, d, 0.0), axis=1) / (t_n * n_mels)
+
+
+def masked_mel_distance(ref, est, lengths, sr: int = SAMPLE_RATE, clamp_eps: float = CLAMP_EPS):
+  """`metrics.mel_distance` of each item's first `lengths[b]` samples (> 1024).
+
+  Args:
+    ref, est: (B, L) padded batches; lengths: (B,) int valid lengths.
+  Returns:
+    (B,) float32.
+  """
+  ref = jnp.asarray(ref, jnp.float32)
+  est = jnp.asarray(est, jnp.float32)
+  n = jnp.asarray(lengths, jnp.int32)
+  return sum(_log_mel_l1(ref, est, n, w, m, sr, clamp_eps) for w, m in zip(MEL_WINDOWS, MEL_BINS))
+
+
+def masked_si_sdr(ref, est, lengths, eps: float = 1e-8):
+  """`metrics.si_sdr` of each item's first `lengths[b]` samples: (B,) dB."""
+  ref = jnp.asarray(ref, jnp.float32)
+  est = jnp.asarray(est, jnp.float32)
+  n = jnp.asarray(lengths, jnp.int32)
+  mask = jnp.arange(ref.shape[1])[None] < n[:, None]
+
+  def centred(a):
+    mean = jnp.sum(jnp.where(mask, a, 0.0), axis=1, keepdims=True) / n[:, None]
+    return jnp.where(mask, a - mean, 0.0)
+
+  r, e = centred(ref), centred(est)
+  scale = (jnp.sum(e * r, axis=1, keepdims=True) + eps) / (jnp.sum(r * r, axis=1, keepdims=True) + eps)
+  e_true = scale * r
+  signal = jnp.sum(e_true ** 2, axis=1)
+  noise = jnp.sum((e - e_true) ** 2, axis=1)
+  return 10.0 * jnp.log10(signal / noise + eps)
+
+
+def _roundtrip(model, x, num_streams):
+  """encode(x, s) then decode, for a traced s: (codes (B, max_streams, G, T'), audio (B, L)).
+
+  Runs every quantizer; a stream >= s leaves the decoder state unchanged
+  (`where`, not a multiply), so audio and codes[:, :s] equal `ESC.encode` +
+  `ESC.decode` while one compiled program serves all bitrates.
+  """
+  _, enc_hs = model._encode_feats(x)
+  q = model.quantizers
+  codes = [q[0].encode(enc_hs[-1])]
+  dec = q[0].decode(codes[0])
+  for i in range(model.max_streams - 1):
+    code = q[i + 1].encode(enc_hs[-1 - i] - dec)
+    codes.append(code)
+    dec = jnp.where(i + 1 < num_streams, dec + q[i + 1].decode(code), dec)
+    dec = model.decoder.up(i, dec.astype(model.dtype))
+  return jnp.stack(codes, 1), model.wave(model._to_feat(model.decoder.head(dec)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval_step(model, params, x, lengths, num_streams):
+  """Round trip of a padded batch and its masked mel distance and SI-SDR."""
+  with jax.default_matmul_precision("highest"):
+    codes, y = model.apply({"params": params}, x, num_streams, method=_roundtrip)
+    return codes, y, masked_mel_distance(x, y, lengths), masked_si_sdr(x, y, lengths)
+
+
+# ---------------------------------------------------------------------------
+# Batching plan
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+  indices: tuple[int, ...]  # clips in this batch
+  length: int  # padded (valid) length L of every row
+  rows: int  # batch rows incl. silent filler rows
+
+
+def _bucket_frames(k: int, growth: float) -> int:
+  """Smallest value >= k on the grid {ceil(growth^j)} (data independent)."""
+  j = max(0, math.floor(math.log(k) / math.log(growth)) - 1)
+  while math.ceil(growth ** j - 1e-9) < k:
+    j += 1
+  return math.ceil(growth ** j - 1e-9)
+
+
+def plan_batches(lengths: Sequence[int], codec, batch_size: int,
+                 bucket_growth: float | None = None) -> list[Batch]:
+  """Group clips by padded length (see the module docstring) into batches.
+
+  Groups with >= batch_size clips use batch_size rows throughout (the last
+  batch is filled up); smaller groups use the next power of two.
+  """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if bucket_growth is not None and not bucket_growth > 1.0:
+    raise ValueError(f"bucket_growth must be > 1, got {bucket_growth}")
+  spf, hop = codec.samples_per_frame, codec.hop
+  groups: dict[int, list[int]] = {}
+  for i in sorted(range(len(lengths)), key=lambda i: (lengths[i], i)):
+    target = codec.valid_length(lengths[i])
+    if bucket_growth is not None:
+      target = _bucket_frames((target + hop) // spf, bucket_growth) * spf - hop
+    groups.setdefault(target, []).append(i)
+  batches = []
+  for length, idx in sorted(groups.items()):
+    for start in range(0, len(idx), batch_size):
+      chunk = tuple(idx[start:start + batch_size])
+      rows = batch_size if len(idx) >= batch_size else min(batch_size, 1 << (len(chunk) - 1).bit_length())
+      batches.append(Batch(chunk, length, rows))
+  return batches
+
+
+def _largest_valid_length(codec, n: int) -> int:
+  return (n + codec.hop) // codec.samples_per_frame * codec.samples_per_frame - codec.hop
+
+
+# ---------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------
+
+
+def _summary(values) -> dict:
+  v = np.asarray(values, np.float64)
+  ok = v[np.isfinite(v)]
+  mean = float(ok.mean()) if ok.size else float("nan")
+  std = float(ok.std()) if ok.size else float("nan")
+  return {"mean": mean, "std": std, "count": int(ok.size)}
+
+
+def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch_size: int = 8,
+             metrics: Sequence[str] = METRICS, fit: str = "pad", bucket_growth: float | None = None,
+             progress: bool = True) -> dict[str, Any]:
+  """Reconstruct `clips` at each bitrate and score them against the originals.
+
+  Args:
+    codec: an `esc_jax.Codec` (training can reuse one Codec across validations
+      by assigning `codec.params`: its jitted functions take params as input).
+    clips: paths (read with `load_audio`: any rate, channels mixed), 1-D 16 kHz
+      float arrays, or a mapping name -> path/array. Unreadable or too short
+      clips are skipped and reported.
+    num_streams: an int in 1..max_streams, a sequence of them, or None = all.
+    metrics: subset of METRICS (utilisation is always computed).
+    fit: "pad" (whole clip, padded and trimmed back) or "crop" (largest valid
+      prefix, the original's protocol).
+    bucket_growth: None = exact per-clip shapes; g > 1 = geometric length
+      buckets (fewer compiles, approximate near clip ends).
+  Returns:
+    dict with "files" [{"name", "num_samples"}], "skipped" [{"name", "reason"}],
+    "bitrates" [{"num_streams", "kbps", "num_files", "mean", "std", "count",
+    "utilization", "utilization_exact", "per_file": {metric: [per file]}}],
+    "shapes" (distinct batch shapes run) and the settings.
+  Raises:
+    ValueError: bad arguments, or no clip left to evaluate.
+  """
+  streams = _streams(codec, num_streams)
+  unknown = [m for m in metrics if m not in METRICS]
+  if unknown:
+    raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
+  if fit not in ("pad", "crop"):
+    raise ValueError(f"fit must be 'pad' or 'crop', got {fit!r}")
+  names, audio, skipped = load_clips(clips)
+  keep_names, keep = [], []
+  for name, x in zip(names, audio):
+    if fit == "crop":
+      x = x[:max(0, _largest_valid_length(codec, x.shape[0]))]
+    if x.shape[0] < MIN_SAMPLES:
+      skipped.append({"name": name, "reason": f"too short ({x.shape[0]} samples{' after cropping' if fit == 'crop' else ''}; "
+                                              f"the metrics need >= {MIN_SAMPLES})"})
+      continue
+    keep_names.append(name)
+    keep.append(x)
+  if not keep:
+    raise ValueError(f"no clip to evaluate ({len(skipped)} skipped"
+                     + (f", e.g. {skipped[0]['name']}: {skipped[0]['reason']}" if skipped else "") + ")")
+  lengths = [x.shape[0] for x in keep]
+  batches = plan_batches(lengths, codec, batch_size, bucket_growth)
+
+  from tqdm import tqdm
+  bar = tqdm(total=len(batches) * len(streams), disable=not progress, unit="batch", file=sys.stderr)
+  results = []
+  for s in streams:
+    kbps = codec.kbps(s)
+    bar.set_description(f"{kbps:g} kbps")
+    per_file = {m: [math.nan] * len(keep) for m in metrics}
+    codes_all = []
+    for b in batches:
+      out = _run_batch(codec, [keep[i] for i in b.indices], b, s, metrics)
+      for m in metrics:
+        for i, v in zip(b.indices, out[m]):
+          per_file[m][i] = float(v)
+      codes_all += out["codes"]
+      bar.update(1)
+    codes = np.concatenate(codes_all, axis=-1)[None]  # (1, s, groups, sum of frames)
+    results.append({
+        "num_streams": s, "kbps": kbps, "num_files": len(keep),
+        **{k: {m: _summary(per_file[m])[k] for m in metrics} for k in ("mean", "std", "count")},
+        "utilization": M.bitrate_utilization(codes, codec.codebook_size, decimals=4),
+        "utilization_exact": M.bitrate_utilization(codes, codec.codebook_size),
+        "per_file": per_file})
+  bar.close()
+  return {
+      "sample_rate": SAMPLE_RATE, "metrics": list(metrics), "fit": fit, "batch_size": batch_size,
+      "bucket_growth": bucket_growth, "num_files": len(keep), "num_skipped": len(skipped),
+      "files": [{"name": n, "num_samples": int(l)} for n, l in zip(keep_names, lengths)],
+      "skipped": skipped, "bitrates": results,
+      "shapes": sorted({(b.rows, b.length) for b in batches})}
+
+
+def _streams(codec, num_streams) -> list[int]:
+  if num_streams is None:
+    return list(range(1, codec.max_streams + 1))
+  streams = [num_streams] if isinstance(num_streams, (int, np.integer)) else list(num_streams)
+  bad = [s for s in streams if not isinstance(s, (int, np.integer)) or not 1 <= s <= codec.max_streams]
+  if bad or not streams:
+    raise ValueError(f"num_streams must be in 1..{codec.max_streams}, got {num_streams!r}")
+  return [int(s) for s in streams]
+
+
+def _run_batch(codec, clips: list[np.ndarray], batch: Batch, s: int, metrics) -> dict:
+  """Codec round trip of one batch and the metrics of its real rows."""
+  k = len(clips)
+  x = np.zeros((batch.rows, batch.length), np.float32)
+  n = np.full(batch.rows, batch.length, np.int32)  # filler rows: full length
+  for i, c in enumerate(clips):
+    x[i, :c.shape[0]] = c
+    n[i] = c.shape[0]
+  codes, y, mel, sdr = jax.device_get(_eval_step(codec.model, codec.params, x, n, np.int32(s)))
+  out: dict[str, Any] = {"codes": [codes[i, :s, :, :codec.num_frames(int(n[i]))] for i in range(k)],
+                         "mel_distance": mel[:k], "si_sdr": sdr[:k]}
+  refs = [x[i, :n[i]] for i in range(k)]
+  ests = [y[i, :n[i]] for i in range(k)]
+  if "pesq" in metrics:
+    out["pesq"] = [M.pesq_wb(r, e)[0] for r, e in zip(refs, ests)]
+  if "stoi" in metrics:
+    out["stoi"] = [M.stoi(r, e)[0] for r, e in zip(refs, ests)]
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+  """Per-bitrate means ± standard deviations as a fixed-width text table."""
+  ms = list(result["metrics"])
+  head = ["kbps", "files"] + [METRIC_LABELS[m] for m in ms] + [METRIC_LABELS["utilization"]]
+  rows = []
+  for r in result["bitrates"]:
+    rows.append([f"{r['kbps']:g}", str(r["num_files"])]
+                + [f"{r['mean'][m]:.4f} ± {r['std'][m]:.4f}" for m in ms] + [f"{r['utilization']:.4f}"])
+  widths = [max(len(h), *(len(row[j]) for row in rows)) for j, h in enumerate(head)]
+  line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+  return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _json_safe(obj):
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, Mapping):
+    return {str(k): _json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_json_safe(v) for v in obj]
+  if isinstance(obj, np.generic):
+    return _json_safe(obj.item())
+  return obj
+
+
+def plot_metrics(result: Mapping[str, Any], path) -> None:
+  """PNG: each metric (mean ± std) and the utilisation against kbps."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  keys = list(result["metrics"]) + ["utilization"]
+  kbps = [r["kbps"] for r in result["bitrates"]]
+  cols = min(3, len(keys))
+  rws = -(-len(keys) // cols)
+  fig, axes = plt.subplots(rws, cols, figsize=(4 * cols, 3.2 * rws), squeeze=False)
+  for ax, key in zip(axes.flat, keys):
+    if key == "utilization":
+      ax.plot(kbps, [r["utilization"] for r in result["bitrates"]], "o-")
+    else:
+      ax.errorbar(kbps, [r["mean"][key] for r in result["bitrates"]],
+                  yerr=[r["std"][key] for r in result["bitrates"]], fmt="o-", capsize=3)
+    ax.set_title(METRIC_LABELS[key])
+    ax.set_xlabel("kbps")
+    ax.set_xticks(kbps)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(keys):]:
+    ax.axis("off")
+  fig.suptitle(f"{result['num_files']} files")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def save_results(result: Mapping[str, Any], directory) -> tuple[pathlib.Path, pathlib.Path]:
+  """Write DIR/results.json (strict JSON: NaN -> null) and DIR/metrics.png."""
+  from esc_jax.checkpoint import write_json_atomic
+
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  js, png = directory / "results.json", directory / "metrics.png"
+  write_json_atomic(js, _json_safe(result))
+  plot_metrics(result, png)
+  return js, png
