@@ -16,6 +16,11 @@ Exactness and batching:
   trimmed back to n; or cut to the largest valid length <= n (`fit="crop"`:
   the original's protocol, whose 48000-sample test clips lose their last 80
   samples and are never padded).
+- One jitted program per batch shape does encode, decode and the masked
+  metrics for every bitrate: the number of streams is a traced argument and
+  untransmitted streams leave the decoder state untouched (`jnp.where`), so
+  audio and codes are bit-identical to `Codec.encode` + `Codec.decode`.
+  Matmuls run at "highest" precision (no TF32/bf16 passes on accelerators).
 - Clips are sorted by length and batched with clips of the same padded
   length; the batch axis is filled up with silent rows (batch items are
   independent, so this is exact). With the default `bucket_growth=None`
@@ -34,6 +39,7 @@ Exactness and batching:
   per-file computation up to float summation order); PESQ and STOI run in
   numpy on the trimmed signals; codes are trimmed to the clip's own number of
   code frames before counting.
+All clips are held in memory (16 kHz float32, ~230 MB per hour of audio).
 """
 from __future__ import annotations
 
@@ -317,6 +323,10 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
                      + (f", e.g. {skipped[0]['name']}: {skipped[0]['reason']}" if skipped else "") + ")")
   lengths = [x.shape[0] for x in keep]
   batches = plan_batches(lengths, codec, batch_size, bucket_growth)
+  num_shapes = len({(b.rows, b.length) for b in batches})
+  if progress and bucket_growth is None and num_shapes > 8:
+    print(f"note: {num_shapes} distinct batch shapes (one compile each); bucket_growth=1.25 "
+          f"(--bucket_growth) needs far fewer, approximately near clip ends", file=sys.stderr)
 
   from tqdm import tqdm
   bar = tqdm(total=len(batches) * len(streams), disable=not progress, unit="batch", file=sys.stderr)

@@ -73,6 +73,12 @@ def test_pipeline_reproduces_original_metrics(codec, golden, tmp_path):
                               batch_size=2, metrics=("si_sdr",), progress=False)
   assert [r["per_file"]["si_sdr"] for r in again["bitrates"]] == [
       res["bitrates"][1]["per_file"]["si_sdr"], res["bitrates"][5]["per_file"]["si_sdr"]]
+  # fit="crop" keeps the largest valid prefix (the original's x[:-80] of 3 s clips).
+  longer = np.pad(golden["audio"], ((0, 0), (0, 80)))
+  crop = evaluation.evaluate(codec, list(longer), num_streams=6, batch_size=2, fit="crop",
+                             metrics=("mel_distance",), progress=False)
+  assert crop["files"][0]["num_samples"] == 15920
+  assert crop["bitrates"][0]["per_file"]["mel_distance"] == res["bitrates"][5]["per_file"]["mel_distance"]
   table = evaluation.format_table(res)
   assert len(table.splitlines()) == 2 + 6 and "PESQ" in table and "Util" in table
 
