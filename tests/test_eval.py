@@ -79,6 +79,14 @@ def test_pipeline_reproduces_original_metrics(codec, golden, tmp_path):
                              metrics=("mel_distance",), progress=False)
   assert crop["files"][0]["num_samples"] == 15920
   assert crop["bitrates"][0]["per_file"]["mel_distance"] == res["bitrates"][5]["per_file"]["mel_distance"]
+  # Length buckets: a 15000-sample clip padded to the 15920 bucket beside a clip
+  # of that exact valid length, which is unaffected (batch rows are independent).
+  bucket = evaluation.evaluate(codec, [golden["audio"][0], golden["audio"][1, :15000]], batch_size=2,
+                               bucket_growth=1.1, metrics=("mel_distance", "si_sdr"), progress=False)
+  assert bucket["shapes"] == [(2, 15920)] and bucket["files"][1]["num_samples"] == 15000
+  for r, e in zip(bucket["bitrates"], res["bitrates"]):
+    assert r["per_file"]["mel_distance"][0] == e["per_file"]["mel_distance"][0]
+    assert np.isfinite(r["per_file"]["si_sdr"][1])
   table = evaluation.format_table(res)
   assert len(table.splitlines()) == 2 + 6 and "PESQ" in table and "Util" in table
 
@@ -120,8 +128,8 @@ def _write_clips(folder: pathlib.Path):
   x = audio.load_audio(ASSETS / "speech_0.wav")
   (folder / "b_sub").mkdir(parents=True)
   sf.write(folder / "a.wav", x[:15920], 16000)
-  sf.write(folder / "b.flac", x[8000:23000], 16000)
-  st = soxr.resample(x[16000:30400], 16000, 44100)
+  sf.write(folder / "b.flac", x[8000:23700], 16000)
+  st = soxr.resample(x[16000:31840], 16000, 44100)
   sf.write(folder / "b_sub" / "c.wav", np.stack([st, 0.5 * st], 1), 44100)  # stereo 44.1 kHz
   (folder / "d_corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
   sf.write(folder / "e.wav", x[:12000], 16000)  # beyond --max_files
@@ -133,7 +141,7 @@ def test_cli_end_to_end(tiny_codec_dir, tmp_path):
   _write_clips(data)
   proc = subprocess.run(
       [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(tiny_codec_dir), "--data", str(data),
-       "--output", str(out), "--max_files", "4", "--batch_size", "4", "--bucket_growth", "1.25",
+       "--output", str(out), "--max_files", "4", "--batch_size", "2",
        "--no_progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   res = json.loads((out / "results.json").read_text())
@@ -141,9 +149,9 @@ def test_cli_end_to_end(tiny_codec_dir, tmp_path):
   assert res["num_files"] == 3 and res["num_skipped"] == 1
   assert res["skipped"][0]["name"].endswith("d_corrupt.wav")
   assert {pathlib.Path(f["name"]).name: f["num_samples"] for f in res["files"]} == {
-      "a.wav": 15920, "b.flac": 15000, "c.wav": 14400}
+      "a.wav": 15920, "b.flac": 15700, "c.wav": 15840}
   assert [r["kbps"] for r in res["bitrates"]] == pytest.approx([0.9 * s for s in range(1, 7)])
-  assert len(res["shapes"]) == 1  # all three clips share one bucket
+  assert res["shapes"] == [[2, 15920]]  # one valid length: one compiled program for all bitrates
   for r in res["bitrates"]:
     for m in ("pesq", "stoi", "mel_distance", "si_sdr"):
       assert np.isfinite(r["mean"][m]) and np.isfinite(r["std"][m]) and len(r["per_file"][m]) == 3
