@@ -10,6 +10,7 @@ A codec directory (written by `convert_torch_weights.py` and by `train.py`):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -151,6 +152,14 @@ def _plain(obj):
   return obj
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(model: ESC):
+  """Jitted (encode, decode) per model definition, shared by every Codec of that model."""
+  encode = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s, method=ESC.encode), static_argnums=2)
+  decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=ESC.decode))
+  return encode, decode
+
+
 class Codec:
   """A loaded ESC codec: `encode` audio to codes and `decode` codes to audio.
 
@@ -163,9 +172,7 @@ class Codec:
     self.model = model
     self.params = jax.tree_util.tree_map(jnp.asarray, params)
     self.config = dict(config or {})
-    self._encode = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s, method=ESC.encode),
-                           static_argnums=2)
-    self._decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=ESC.decode))
+    self._encode, self._decode = _compiled(model)
 
   # ---- properties ----
   sample_rate = 16000

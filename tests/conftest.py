@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import tempfile
 
-import jax
-import numpy as np
-import pytest
+# Set before jax is imported, so that CLI subprocesses of the tests inherit them:
+# exact float32 matmuls for parity with PyTorch, and one persistent compilation
+# cache for the session (fresh per run), so an XLA program that several tests or
+# subprocesses build (e.g. the tiny codec's encode) is compiled once.
+os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="esc_jax_xla_cache_"))
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
-# Exact float32 matmuls for parity with PyTorch.
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
