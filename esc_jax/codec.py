@@ -206,6 +206,24 @@ class ESC(nn.Module):
       dec = self.decoder.up(i, (dec + self.quantizers[i + 1].decode(code)).astype(self.dtype))
     return jnp.stack(codes, 1)
 
+  def reconstruct(self, x, num_streams):
+    """encode(x, s) then decode with a traced s: one program serves every bitrate.
+
+    Returns (codes (B, max_streams, group_size, W/overlap), audio (B, L')); codes[:, :s]
+    and the audio equal `encode` + `decode`: streams >= s are computed but leave
+    the decoder state unchanged (`where`, not a multiply).
+    """
+    _, enc_hs = self._encode_feats(x)
+    q = self.quantizers
+    codes = [q[0].encode(enc_hs[-1])]
+    dec = q[0].decode(codes[0])
+    for i in range(self.max_streams - 1):
+      code = q[i + 1].encode(enc_hs[-1 - i] - dec)
+      codes.append(code)
+      dec = jnp.where(i + 1 < num_streams, dec + q[i + 1].decode(code), dec)
+      dec = self.decoder.up(i, dec.astype(self.dtype))
+    return jnp.stack(codes, 1), self.wave(self._to_feat(self.decoder.head(dec)))
+
   def decode_features(self, codes):
     """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
     s = codes.shape[1]

@@ -57,6 +57,7 @@ import numpy as np
 
 from esc_jax import metrics as M
 from esc_jax.audio import SAMPLE_RATE, hann_window, load_audio, mel_filterbank, safe_magnitude
+from esc_jax.codec import ESC
 from esc_jax.losses import CLAMP_EPS, MEL_BINS, MEL_WINDOWS
 
 METRICS = ("pesq", "stoi", "mel_distance", "si_sdr")
@@ -185,30 +186,11 @@ def masked_si_sdr(ref, est, lengths, eps: float = 1e-8):
   return 10.0 * jnp.log10(signal / noise + eps)
 
 
-def _roundtrip(model, x, num_streams):
-  """encode(x, s) then decode, for a traced s: (codes (B, max_streams, G, T'), audio (B, L)).
-
-  Runs every quantizer; a stream >= s leaves the decoder state unchanged
-  (`where`, not a multiply), so audio and codes[:, :s] equal `ESC.encode` +
-  `ESC.decode` while one compiled program serves all bitrates.
-  """
-  _, enc_hs = model._encode_feats(x)
-  q = model.quantizers
-  codes = [q[0].encode(enc_hs[-1])]
-  dec = q[0].decode(codes[0])
-  for i in range(model.max_streams - 1):
-    code = q[i + 1].encode(enc_hs[-1 - i] - dec)
-    codes.append(code)
-    dec = jnp.where(i + 1 < num_streams, dec + q[i + 1].decode(code), dec)
-    dec = model.decoder.up(i, dec.astype(model.dtype))
-  return jnp.stack(codes, 1), model.wave(model._to_feat(model.decoder.head(dec)))
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_step(model, params, x, lengths, num_streams):
   """Round trip of a padded batch and its masked mel distance and SI-SDR."""
   with jax.default_matmul_precision("highest"):
-    codes, y = model.apply({"params": params}, x, num_streams, method=_roundtrip)
+    codes, y = model.apply({"params": params}, x, num_streams, method=ESC.reconstruct)
     return codes, y, masked_mel_distance(x, y, lengths), masked_si_sdr(x, y, lengths)
 
 
