@@ -262,7 +262,8 @@ def test_subprocess_error_has_no_traceback(tmp_path, tiny_codec_dir, good_esc):
   out = tmp_path / "a.wav"
   out.write_bytes(b"old")
   p = subprocess.run([sys.executable, "-m", "esc_jax", "decompress", str(src), str(out),
-                      "--checkpoint", str(tiny_codec_dir)], capture_output=True, text=True, timeout=120)
+                      "--checkpoint", str(tiny_codec_dir)], capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "ESC_JAX_CACHE": "0"})
   assert p.returncode == 1 and p.stderr.startswith("error: ") and "Traceback" not in p.stderr, p.stderr
   assert p.stderr.strip().count("\n") == 0 and out.read_bytes() == b"old"
 
