@@ -172,7 +172,7 @@ def make_train_step(model: ESC, tx: optax.GradientTransformation, schedule, conf
     updates, opt_state = tx.update(grads, opt_state, state.params)
     lr = schedule(step)
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-    out = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=lr, num_streams=num_streams,
+    out = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=lr, num_streams=num_streams,
                pretrain=freeze.astype(jnp.int32), **{k: jnp.mean(v) for k, v in terms.items()})
     return TrainState(step + 1, params, opt_state), out
 
@@ -283,6 +283,11 @@ def _memo(key: str, build: Callable[[], Any]):
   return _COMPILED[key]
 
 
+def _host(tree):
+  """Replicated jax arrays -> numpy (this process's copy)."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
+
+
 def _plain(c) -> Any:
   return ckpt_lib._plain(c)  # pylint: disable=protected-access
 
@@ -378,10 +383,13 @@ class Trainer:
     """Checkpoint `state` at step state.step (params, opt_state, meta)."""
     step = int(jax.device_get(state.step))
     meta = dict(step=step, seed=int(self.config.seed), process_count=jax.process_count(),
+                num_workers=int(self.config.data.num_workers),
                 data_state=data_iter.get_state() if hasattr(data_iter, "get_state") else None)
     ok = val_metrics is not None and math.isfinite(val_metrics.get(BEST_METRIC, float("nan")))
     self.manager.save(step, args=ocp.args.Composite(**{
-        ckpt_lib.PARAMS_ITEM: ocp.args.StandardSave(state.params),
+        # Params as host arrays: no device topology in the checkpoint, so
+        # `esc_jax.load` restores them on any machine (a 1-CPU laptop included).
+        ckpt_lib.PARAMS_ITEM: ocp.args.StandardSave(_host(state.params)),
         OPT_ITEM: ocp.args.StandardSave(state.opt_state),
         META_ITEM: ocp.args.JsonSave(meta)}),
         metrics={k: float(v) for k, v in val_metrics.items()} if ok else None, force=True)
@@ -402,7 +410,10 @@ class Trainer:
       logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"), self.config.seed)
     if data_iter is not None and hasattr(data_iter, "set_state"):
       if meta.get("data_state") is None:
-        raise ValueError(f"checkpoint {step} has no data-iterator state to resume from")
+        raise ConfigError(f"checkpoint {step} has no data-iterator state to resume from")
+      if meta.get("num_workers") != int(self.config.data.num_workers):  # the state's layout depends on it
+        raise ConfigError(f"checkpoint {step} was written with data.num_workers={meta.get('num_workers')}; "
+                          f"resume with --config.data.num_workers={meta.get('num_workers')}")
       data_iter.set_state(meta["data_state"])
     state = TrainState(jnp.int32(meta["step"]), r[ckpt_lib.PARAMS_ITEM], r[OPT_ITEM])
     return jax.device_put(state, self.replicated)
