@@ -158,7 +158,6 @@ def bench_profile(codec, repeats, streams, seconds=10.0):
   x = jnp.asarray(codec.pad(speech(seconds))[0])
   codes = jnp.asarray(codec.encode(np.asarray(x), streams))
   feat = m.apply({"params": p}, x, method=lambda mm, x: mm.spec(x)).transpose(0, 2, 3, 1)
-  pe = p["encoder"]
   h = m.h_dims
 
   def layer(i):
@@ -167,35 +166,37 @@ def bench_profile(codec, repeats, streams, seconds=10.0):
     d_in, d_out = (h[0], h[0]) if i < 0 else (h[i], h[i + 1])
     mod = TransformerLayer(d_in, d_out, m.swin_heads[max(i, 0)], m.swin_depth, m.window_size,
                            m.mlp_ratio, scale, m.dtype)
-    return name, lambda t: mod.apply({"params": pe[name]}, t)
+    return name, lambda t, q=None: mod.apply({"params": (q or p)["encoder"][name]}, t)
 
-  stages = [("stft", lambda x: m.apply({"params": p}, x, method=lambda mm, x: mm.spec(x)), x)]
+  stages = [("stft", lambda x, q: m.apply({"params": q}, x, method=lambda mm, x: mm.spec(x)), x)]
   emb = PatchEmbed(m.in_dim, h[0], tuple(m.patch_size), dtype=m.dtype)
-  t = emb.apply({"params": pe["patch_embed"]}, feat)
-  stages.append(("encoder patch_embed", lambda f: emb.apply({"params": pe["patch_embed"]}, f), feat))
+  t = emb.apply({"params": p["encoder"]["patch_embed"]}, feat)
+  stages.append(("encoder patch_embed", lambda f, q: emb.apply({"params": q["encoder"]["patch_embed"]}, f), feat))
   for i in range(-1, len(h) - 1):
     name, fn = layer(i)
     stages.append((f"encoder {name} {tuple(t.shape[1:])}", fn, t))
-    t = jax.jit(fn)(t)
+    t = jax.jit(fn)(t, p)
   stages += [
-      ("encoder (all)", lambda x: m.apply({"params": p}, x, method=lambda mm, x: mm._encode_feats(x)[1]), x),
-      ("encode = encoder + RVQ + up layers", lambda x: m.apply({"params": p}, x, streams, method=ESC.encode), x),
-      ("decoder (to features)", lambda c: m.apply({"params": p}, c, method=lambda mm, c: mm.decode_features(c)[1]),
-       codes),
+      ("encoder (all)", lambda x, q: m.apply({"params": q}, x, method=lambda mm, x: mm._encode_feats(x)[1]), x),
+      ("encode = encoder + RVQ + up layers", lambda x, q: m.apply({"params": q}, x, streams, method=ESC.encode),
+       x),
+      ("decoder (to features)",
+       lambda c, q: m.apply({"params": q}, c, method=lambda mm, c: mm.decode_features(c)[1]), codes),
   ]
-  rf = jax.jit(stages[-1][1])(codes)
-  stages.append(("istft", lambda f: m.apply({"params": p}, f, method=lambda mm, f: mm.wave(f)), rf))
-  stages.append(("decode (all)", lambda c: m.apply({"params": p}, c, method=ESC.decode), codes))
+  rf = jax.jit(stages[-1][1])(codes, p)
+  stages.append(("istft", lambda f, q: m.apply({"params": q}, f, method=lambda mm, f: mm.wave(f)), rf))
+  stages.append(("decode (all)", lambda c, q: m.apply({"params": q}, c, method=ESC.decode), codes))
   rows = []
   for name, fn, arg in stages:
-    j = jax.jit(fn)
-    ca = j.lower(arg).compile().cost_analysis()
+    # params as an argument, as in Codec (a closure would bake them in as constants)
+    j = jax.jit(lambda params, a, fn=fn: fn(a, params))
+    ca = j.lower(p, arg).compile().cost_analysis()
     ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
-    _, best, cpu, _ = timed(lambda: jax.block_until_ready(j(arg)), repeats)
+    _, best, cpu, _ = timed(lambda: jax.block_until_ready(j(p, arg)), repeats)
     gflop = ca.get("flops", 0.0) / 1e9
-    rows.append([name, best, cpu, gflop, gflop / best if best else 0.0])
-  return table(f"Stage profile, {seconds:g} s of audio (wall s, best of {repeats}; XLA's FLOP count)",
-               ["stage", "s", "CPU s", "GFLOP", "GFLOP/s"], rows)
+    rows.append([name, best, cpu, gflop, gflop / cpu if cpu else 0.0])
+  return table(f"Stage profile, {seconds:g} s of audio (wall s, best of {repeats}; XLA's FLOP count; "
+               "GFLOP per CPU s = per-core throughput)", ["stage", "s", "CPU s", "GFLOP", "GFLOP/CPU s"], rows)
 
 
 def bench_quality(codec, keep, secs, streams, alignment_study: bool):
@@ -319,6 +320,7 @@ def main(argv=None):
   if not args.skip_memory:
     texts.append(bench_memory(codec, sorted({1.0, args.long_minutes})))
   texts.append(f"load average at the end: {os.getloadavg()[0]:.1f}")
+  print(texts[-1])
   if args.out:
     with open(args.out, "w") as f:
       f.write("\n".join(texts) + "\n")
