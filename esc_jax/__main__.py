@@ -10,7 +10,7 @@ partial file and does not clobber an existing one.
 
 Compiled XLA programs are cached on disk (ESC_JAX_CACHE, default
 ~/.cache/esc_jax/xla; ESC_JAX_CACHE=0 disables it): the first run for a
-given model and chunk shape compiles (~40 s for ESC-Base on 2 CPU cores),
+given model and chunk shape compiles (~10 s per step for ESC-Base on 2 CPU cores),
 later runs start in seconds.
 """
 from __future__ import annotations
