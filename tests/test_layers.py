@@ -9,15 +9,15 @@ from esc_jax.layers.attention import relative_position_index, shift_mask
 from esc_jax.layers.scale import PatchDeEmbed
 
 
-@pytest.mark.parametrize("shape", [(2, 8, 10, 6), (1, 5, 7, 4), (1, 3, 3, 5), (1, 2, 4, 3)])
+@pytest.mark.parametrize("shape", [(2, 8, 10, 6), (1, 3, 3, 5)])  # general, and the smallest fused
 def test_fused_deembed_equals_two_convolutions(shape):
   key = jax.random.PRNGKey(sum(shape))
   x = jax.random.normal(key, shape)
   fused = PatchDeEmbed(2, shape[-1])
   params = fused.init(key, x)
   params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), params)
-  ours = np.asarray(fused.apply(params, x))
-  ref = np.asarray(PatchDeEmbed(2, shape[-1], fused=False).apply(params, x))
+  ours = np.asarray(jax.jit(fused.apply)(params, x))
+  ref = np.asarray(jax.jit(PatchDeEmbed(2, shape[-1], fused=False).apply)(params, x))
   assert ours.shape == (shape[0], 3 * shape[1], 2 * shape[2], 2)
   np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-5 * np.abs(ref).max())
 
