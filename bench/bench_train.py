@@ -9,6 +9,7 @@ warm-up steps (compilation included) are not timed.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 import time
@@ -25,6 +26,8 @@ flags.DEFINE_float("seconds", 3.0, "Clip length in seconds (rounded to a valid l
 flags.DEFINE_integer("warmup", 2, "Untimed steps (the first compiles).")
 flags.DEFINE_integer("steps", 5, "Timed steps.")
 flags.DEFINE_bool("pretrain", False, "Time a pre-training step (codebooks bypassed) instead.")
+flags.DEFINE_string("compile_cache", os.path.expanduser("~/.cache/esc_jax/xla"),
+                    "Persistent XLA compilation cache ('' disables).")
 FLAGS = flags.FLAGS
 
 
@@ -37,6 +40,10 @@ def main(argv):
 
   from esc_jax import train_lib
   from esc_jax.codec import make_model
+
+  if FLAGS.compile_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
   c = FLAGS.config
   c.unlock()
@@ -61,16 +68,21 @@ def main(argv):
     jax.block_until_ready(m)
     if i == 0:
       print(f"compile + first step: {time.perf_counter() - t0:.1f} s", flush=True)
-  t0 = time.perf_counter()
+  t0, c0 = time.perf_counter(), time.process_time()
   for i in range(FLAGS.steps):
     state, m = step(state, batches[i % 2])
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / FLAGS.steps
+  cpu = (time.process_time() - c0) / FLAGS.steps  # all threads of this process
   assert step._cache_size() == 1  # pylint: disable=protected-access
   dev = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
-  print(f"{'device':<22} {'batch':>5} {'clip':>7} {'s/step':>8} {'steps/s':>8} {'audio-s/s':>10}")
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  print(f"{'device':<22} {'batch':>5} {'clip':>7} {'s/step':>8} {'steps/s':>8} {'audio-s/s':>10} "
+        f"{'cpu-s/step':>10} {'load':>5}")
   print(f"{dev:<22} {FLAGS.batch_size:>5} {length:>7} {dt:>8.3f} {1 / dt:>8.3f} "
-        f"{FLAGS.batch_size * length / 16000 / dt:>10.2f}")
+        f"{FLAGS.batch_size * length / 16000 / dt:>10.2f} {cpu:>10.2f} {load:>5.1f}")
+  print("(cpu-s/step: CPU time of this process per step, all threads; on a shared machine "
+        "s/step depends on the load average, cpu-s/step much less)")
 
 
 if __name__ == "__main__":

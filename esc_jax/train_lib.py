@@ -449,6 +449,7 @@ class Trainer:
 
     c = self.config
     num_steps = int(c.train.num_steps) if until is None else min(int(until), int(c.train.num_steps))
+    self._lock()
     it = self.data_iterator()
     state = self.restore(it)
     if state is None:
@@ -513,8 +514,24 @@ class Trainer:
       logging.error("the train step compiled %d times (expected once)", self.train_step._cache_size())
     return state
 
+  def _lock(self):
+    """One training process per workdir (per process index); released when the process ends."""
+    import fcntl
+    if getattr(self, "_lock_file", None) is not None:
+      return
+    f = open(self.workdir / f".train_lock.{jax.process_index()}", "w")
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      f.close()
+      raise ConfigError(f"another training process is running in {self.workdir}") from None
+    self._lock_file = f
+
   def close(self):
     self.manager.close()
+    if getattr(self, "_lock_file", None) is not None:
+      self._lock_file.close()
+      self._lock_file = None
 
 
 def best_step(workdir) -> int | None:
