@@ -536,7 +536,7 @@ class Trainer:
 
 def best_step(workdir) -> int | None:
   """Step of the best checkpoint by validation PESQ (None if no step has metrics)."""
-  opts = ocp.CheckpointManagerOptions(best_fn=lambda m: m[BEST_METRIC], best_mode="max", read_only=True)
+  opts = ocp.CheckpointManagerOptions(best_fn=lambda m: m[BEST_METRIC], best_mode="max", create=False)
   with ocp.CheckpointManager(pathlib.Path(workdir).absolute() / ckpt_lib.CKPT_DIR, options=opts) as m:
     with_metrics = [s for s in m.all_steps() if m.metrics(s)]
     return m.best_step() if with_metrics else None
