@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import os
 import pathlib
 import shutil
@@ -113,7 +114,7 @@ def restore_params(directory, model: ESC, step: int | str | None = None):
     if step is None:
       step = mngr.latest_step()
     elif step == "best":
-      step = mngr.best_step() if mngr.best_step() is not None else mngr.latest_step()
+      step = _best_step(directory, mngr, steps)
     if step not in steps:
       raise CheckpointError(f"{ckpt}: no step {step} (have {sorted(steps)})")
     template = model_template(model)
@@ -126,6 +127,21 @@ def restore_params(directory, model: ESC, step: int | str | None = None):
   params = restored[PARAMS_ITEM]
   _check_shapes(params, template, f"{ckpt}/{step}")
   return params
+
+
+def _best_step(directory, mngr, steps) -> int:
+  """Step with the best saved metric (`best_metric` of esc_config.json, default max PESQ);
+  the latest step when no step has that metric."""
+  best = read_codec_config(directory).get("best_metric") or {"name": "pesq", "mode": "max"}
+  scored = []
+  for s in steps:
+    value = (mngr.metrics(s) or {}).get(best["name"])
+    if value is not None and math.isfinite(value):
+      scored.append((value, s))
+  if not scored:
+    return mngr.latest_step()
+  pick = max if best.get("mode", "max") == "max" else min
+  return pick(scored)[1]
 
 
 def _check_shapes(params, template, where):

@@ -208,6 +208,7 @@ def test_validation_best_checkpoint_and_load(run_a):
   best = max(val, key=lambda s: val[s]["val/pesq"])
   assert train_lib.best_step(wd) == best
   _assert_trees_close(esc_jax.load(wd).params, _params(wd, 30), atol=0)  # latest step
+  _assert_trees_close(esc_jax.load(wd, step="best").params, _params(wd, best), atol=0)
   cfg = json.loads((wd / "esc_config.json").read_text())
   assert cfg["model_name"] == "csvq+swinT" and cfg["model"]["codebook_size"] == 64
 
