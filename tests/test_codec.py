@@ -26,7 +26,7 @@ TRAIN_CASES = [("s6", 6, False), ("s2", 2, False), ("freeze", 6, True)]
 
 
 @functools.lru_cache(maxsize=None)
-def _jitted(model, name, static=None):
+def _jitted(model, name):
   if name == "decode":
     return jax.jit(lambda p, c: model.apply({"params": p}, c, method=ESC.decode_features))
   if name == "eval":

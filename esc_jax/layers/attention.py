@@ -100,10 +100,6 @@ class WindowAttention(nn.Module):
     attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     return (attn @ v).transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
 
-  def __call__(self, x, mask=None):
-    """Unpadded convenience form: x (B, nW, N, C) -> (B, nW, N, C)."""
-    return self.proj(self.attend(self.qkv_unbiased(x), mask))
-
 
 class FeedForward(nn.Module):
   """Linear -> exact GELU -> Linear."""
