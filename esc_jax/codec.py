@@ -4,10 +4,16 @@ Parameter tree (mirrors the PyTorch module names; list index i -> `name_i`):
   encoder/{patch_embed, pre_nn, blocks_i}
   decoder/{blocks_i, post_nn, patch_deembed}
   quantizers_i/{vqs_m/embedding, down_projs_m, up_projs_m}
+
+Frame geometry (defined here, used by the codec API, training, evaluation and
+the bitstream): one code frame covers `samples_per_frame` = hop * patch_w *
+overlap samples (320 = 20 ms at the defaults); the model maps a length L to
+itself iff L = k * samples_per_frame - hop (`valid_length`).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+import math
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -82,6 +88,11 @@ class Decoder(nn.Module):
     return self.head(x)
 
 
+# A stream's quantizer step in the cross-scale loop: (stream index, residual to
+# code or None when decoding from codes) -> dict with at least "z_q" (B, H, W, C).
+StreamFn = Callable[[int, Any], dict]
+
+
 class ESC(nn.Module):
   """Efficient Speech Codec (`csvq+swinT`); field names follow the original constructor."""
   in_dim: int = 2
@@ -120,7 +131,7 @@ class ESC(nn.Module):
                   self.group_size, self.codebook_dims[i], self.codebook_size, self.l2norm)
         for i in range(self.max_streams)]
 
-  # ---- signal <-> features ----
+  # ---- frame geometry and bitrate (plain Python; usable on an unbound module) ----
   @property
   def n_fft(self) -> int:
     return 2 * (self.in_freq - 1)
@@ -133,6 +144,39 @@ class ESC(nn.Module):
   def win(self) -> int:
     return int(self.win_len * self.sr * 1e-3)
 
+  @property
+  def samples_per_frame(self) -> int:
+    """Audio samples per code frame: hop * time patch * overlap (320 = 20 ms for ESC)."""
+    return self.hop * self.patch_size[1] * self.overlap
+
+  def valid_length(self, n: int) -> int:
+    """Smallest length >= n that the model maps to itself (k * samples_per_frame - hop)."""
+    spf = self.samples_per_frame
+    return max(1, -(-(n + self.hop) // spf)) * spf - self.hop
+
+  def largest_valid_length(self, n: int) -> int:
+    """Largest length <= n that the model maps to itself (0 if none)."""
+    spf = self.samples_per_frame
+    return max(0, (n + self.hop) // spf * spf - self.hop)
+
+  def num_frames(self, n: int) -> int:
+    """Code frames T' for an input of n samples (zero-padded to `valid_length`)."""
+    return (self.valid_length(n) + self.hop) // self.samples_per_frame
+
+  def frames_to_samples(self, frames: int) -> int:
+    """Samples decoded from `frames` code frames (the valid length of that many frames)."""
+    return frames * self.samples_per_frame - self.hop
+
+  @property
+  def kbps_per_stream(self) -> float:
+    """Bitrate of one stream: group_size codes of log2(codebook_size) bits per frame (1.5 for ESC)."""
+    return math.log2(self.codebook_size) * self.group_size * self.sr / self.samples_per_frame / 1000
+
+  def kbps(self, num_streams):
+    """Bitrate of `num_streams` streams (Python or traced)."""
+    return num_streams * self.kbps_per_stream
+
+  # ---- signal <-> features ----
   def spec(self, x):
     """(B, L) audio -> (B, 2, F, T) real/imag STFT features."""
     return audio.stft(x, self.n_fft, self.win, self.hop)
@@ -141,12 +185,62 @@ class ESC(nn.Module):
     """(B, 2, F, T) -> (B, hop*(T-1)) audio."""
     return audio.istft(feat, self.n_fft, self.win, self.hop)
 
-  def _encode_feats(self, x):
+  def _analyse(self, x):
+    """(B, L) audio -> (features (B, 2, F, T), encoder maps at every scale)."""
     feat = self.spec(x)
     return feat, self.encoder(feat.transpose(0, 2, 3, 1).astype(self.dtype))
 
-  def _to_feat(self, y):
-    return y.transpose(0, 3, 1, 2).astype(jnp.float32)
+  def _synthesise(self, dec):
+    """Top decoder map (B, H, W, C) -> (features (B, 2, F, T) float32, audio (B, L))."""
+    feat = self.decoder.head(dec).transpose(0, 3, 1, 2).astype(jnp.float32)
+    return feat, self.wave(feat)
+
+  def _check_streams(self, s):
+    if isinstance(s, int) and not 1 <= s <= self.max_streams:
+      raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {s}")
+
+  # ---- the cross-scale residual loop (SPEC "Encoder / cross-scale decoder") ----
+  def cross_scale(self, stream: StreamFn, num_streams, enc_hs=None, full: bool = True):
+    """Runs the cross-scale residual decoder once; every mode is a choice of `stream`.
+
+    dec_0 = Q_0(enc_hs[-1]); for i = 0..max_streams-2:
+    dec_{i+1} = up_i(dec_i + Q_{i+1}(enc_hs[-1-i] - dec_i)) if stream i+1 is
+    transmitted, else up_i(dec_i).
+
+    Args:
+      stream: stream(i, residual) -> dict(z_q, ...); residual is None when
+        `enc_hs` is None (decoding from codes).
+      num_streams: a Python int (streams >= it are not run) or a traced int
+        (all streams run; the untransmitted ones leave the decoder state
+        unchanged through `jnp.where`, so values equal the Python-int path).
+      enc_hs: encoder maps of every scale, or None.
+      full: run every up layer; False stops after the last transmitted stream
+        (encoding needs no further decoder state).
+    Returns:
+      (dec_hs, outs): decoder maps after every up layer (dec_hs[0] = dec_0),
+      and the stream outputs with an "on" entry (bool, traced or Python).
+    """
+    static = isinstance(num_streams, int)
+    res = lambda i, dec: None if enc_hs is None else enc_hs[-1 - i] - dec
+    out = stream(0, None if enc_hs is None else enc_hs[-1])
+    dec, outs = out["z_q"], [dict(out, on=True)]
+    dec_hs = [dec]
+    for i in range(self.max_streams - 1):
+      if not static or i + 1 < num_streams:
+        o = stream(i + 1, res(i, dec))
+        on = i + 1 < num_streams
+        dec = dec + o["z_q"] if static else jnp.where(on, dec + o["z_q"], dec)
+        outs.append(dict(o, on=on))
+      if not full and static and i + 2 >= num_streams:
+        break
+      dec = self.decoder.up(i, dec.astype(self.dtype))
+      dec_hs.append(dec)
+    return dec_hs, outs
+
+  def _code_stream(self, i, r):
+    """Encode-mode stream: nearest codes of the residual and their decoded vectors."""
+    code = self.quantizers[i].encode(r)
+    return dict(z_q=self.quantizers[i].decode(code), codes=code)
 
   # ---- training / evaluation forward ----
   def __call__(self, x, num_streams=6, train: bool = False, freeze_codebook=False):
@@ -163,83 +257,54 @@ class ESC(nn.Module):
       codes (B, max_streams or num_streams, group_size, W/overlap),
       cm_loss, cb_loss (B,), and `enc_hs`/`dec_hs` token maps for inspection.
     """
-    feat, enc_hs = self._encode_feats(x)
+    feat, enc_hs = self._analyse(x)
     if train:
       num_streams = jnp.where(freeze_codebook, self.max_streams, num_streams)
-    elif isinstance(num_streams, int) and not 1 <= num_streams <= self.max_streams:
-      raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {num_streams}")
-    out = self.quantizers[0](enc_hs[-1], train, freeze_codebook)
-    dec_hs, codes = [out["z_q"]], [out["codes"]]
-    cm, cb = out["cm_loss"], out["cb_loss"]
-    for i in range(self.max_streams - 1):
-      dec, enc = dec_hs[i], enc_hs[-1 - i]
-      if train:
-        o = self.quantizers[i + 1](enc - dec, True, freeze_codebook)
-        on = (i + 1 < num_streams).astype(jnp.float32)
-        dec = dec + o["z_q"] * on
-        cm, cb = cm + o["cm_loss"] * on, cb + o["cb_loss"] * on
-        codes.append(o["codes"])
-      elif i + 1 < num_streams:
-        o = self.quantizers[i + 1](enc - dec, False)
-        dec = dec + o["z_q"]
-        cm, cb = cm + o["cm_loss"], cb + o["cb_loss"]
-        codes.append(o["codes"])
-      dec_hs.append(self.decoder.up(i, dec.astype(self.dtype)))
-    recon_feat = self._to_feat(self.decoder.head(dec_hs[-1]))
-    return dict(raw_feat=feat, recon_feat=recon_feat, recon_audio=self.wave(recon_feat),
-                codes=jnp.stack(codes, 1), cm_loss=cm, cb_loss=cb,
+      stream = lambda i, r: self.quantizers[i](r, True, freeze_codebook)
+    else:
+      self._check_streams(num_streams)
+      stream = lambda i, r: self.quantizers[i](r, False)
+    dec_hs, outs = self.cross_scale(stream, num_streams, enc_hs)
+    cm = sum(jnp.where(o["on"], o["cm_loss"], 0.0) for o in outs)
+    cb = sum(jnp.where(o["on"], o["cb_loss"], 0.0) for o in outs)
+    recon_feat, recon_audio = self._synthesise(dec_hs[-1])
+    return dict(raw_feat=feat, recon_feat=recon_feat, recon_audio=recon_audio,
+                codes=jnp.stack([o["codes"] for o in outs], 1), cm_loss=cm, cb_loss=cb,
                 enc_hs=[_tokens(h) for h in enc_hs], dec_hs=[_tokens(h) for h in dec_hs])
 
-  # ---- codec API ----
+  # ---- codec ----
   def encode(self, x, num_streams: int = 6):
     """(B, L) audio -> int32 codes (B, num_streams, group_size, W/overlap)."""
-    if not 1 <= num_streams <= self.max_streams:
-      raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {num_streams}")
-    _, enc_hs = self._encode_feats(x)
-    codes = [self.quantizers[0].encode(enc_hs[-1])]
-    dec = self.quantizers[0].decode(codes[0])
-    for i in range(num_streams - 1):
-      code = self.quantizers[i + 1].encode(enc_hs[-1 - i] - dec)
-      codes.append(code)
-      if len(codes) == num_streams:
-        break
-      dec = self.decoder.up(i, (dec + self.quantizers[i + 1].decode(code)).astype(self.dtype))
-    return jnp.stack(codes, 1)
+    self._check_streams(num_streams)
+    _, outs = self.cross_scale(self._code_stream, num_streams, self._analyse(x)[1], full=False)
+    return jnp.stack([o["codes"] for o in outs], 1)
 
-  def reconstruct(self, x, num_streams):
-    """encode(x, s) then decode with a traced s: one program serves every bitrate.
-
-    Returns (codes (B, max_streams, group_size, W/overlap), audio (B, L')); codes[:, :s]
-    and the audio equal `encode` + `decode`: streams >= s are computed but leave
-    the decoder state unchanged (`where`, not a multiply).
-    """
-    _, enc_hs = self._encode_feats(x)
-    q = self.quantizers
-    codes = [q[0].encode(enc_hs[-1])]
-    dec = q[0].decode(codes[0])
-    for i in range(self.max_streams - 1):
-      code = q[i + 1].encode(enc_hs[-1 - i] - dec)
-      codes.append(code)
-      dec = jnp.where(i + 1 < num_streams, dec + q[i + 1].decode(code), dec)
-      dec = self.decoder.up(i, dec.astype(self.dtype))
-    return jnp.stack(codes, 1), self.wave(self._to_feat(self.decoder.head(dec)))
-
-  def decode_features(self, codes):
-    """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
+  def _decode(self, codes):
+    """codes (B, s, group_size, T') -> (decoder maps, recon_feat (B, 2, F, 4T'), audio)."""
     s = codes.shape[1]
     if not 1 <= s <= self.max_streams:
       raise ValueError(f"codes carry {s} streams; expected 1..{self.max_streams}")
-    dec_hs = [self.quantizers[0].decode(codes[:, 0])]
-    for i in range(self.max_streams - 1):
-      dec = dec_hs[i]
-      if i + 1 < s:
-        dec = dec + self.quantizers[i + 1].decode(codes[:, i + 1])
-      dec_hs.append(self.decoder.up(i, dec.astype(self.dtype)))
-    return [_tokens(h) for h in dec_hs], self._to_feat(self.decoder.head(dec_hs[-1]))
+    dec_hs, _ = self.cross_scale(lambda i, _: dict(z_q=self.quantizers[i].decode(codes[:, i])), s)
+    return (dec_hs, *self._synthesise(dec_hs[-1]))
+
+  def decode_features(self, codes):
+    """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
+    dec_hs, feat, _ = self._decode(codes)
+    return [_tokens(h) for h in dec_hs], feat
 
   def decode(self, codes):
-    """codes (B, s, group_size, T') -> (B, 80*(4T'-1)) audio."""
-    return self.wave(self.decode_features(codes)[1])
+    """codes (B, s, group_size, T') -> (B, frames_to_samples(T')) audio."""
+    return self._decode(codes)[2]
+
+  def round_trip(self, x, num_streams):
+    """`encode(x, s)` then `decode` with s traced: one program serves every bitrate.
+
+    Returns (codes (B, max_streams, group_size, W/overlap), audio (B, L')); codes[:, :s]
+    and the audio are bit-identical to `encode` + `decode`.
+    """
+    _, enc_hs = self._analyse(x)
+    dec_hs, outs = self.cross_scale(self._code_stream, num_streams, enc_hs)
+    return jnp.stack([o["codes"] for o in outs], 1), self._synthesise(dec_hs[-1])[1]
 
 
 MODEL_NAMES = ("csvq+swinT",)

@@ -190,7 +190,7 @@ def masked_si_sdr(ref, est, lengths, eps: float = 1e-8):
 def _eval_step(model, params, x, lengths, num_streams):
   """Round trip of a padded batch and its masked mel distance and SI-SDR."""
   with jax.default_matmul_precision("highest"):
-    codes, y = model.apply({"params": params}, x, num_streams, method=ESC.reconstruct)
+    codes, y = model.apply({"params": params}, x, num_streams, method=ESC.round_trip)
     return codes, y, masked_mel_distance(x, y, lengths), masked_si_sdr(x, y, lengths)
 
 
