@@ -1,4 +1,4 @@
-"""Train ESC (non-adversarial recipe of the original) on a folder of audio.
+"""Train ESC (the original's non-adversarial recipe) on a folder of audio.
 
   python train.py --config configs/9kbps.py --workdir runs/esc_base \
       --config.data.train_dir=/data/train --config.data.val_dir=/data/val \
@@ -7,6 +7,8 @@
 Rerunning the same command resumes from WORKDIR/checkpoints (no lost or repeated
 steps). WORKDIR is a codec directory: `esc_jax.load(WORKDIR)` (latest step) or
 `esc_jax.load(WORKDIR, step="best")` (best validation PESQ).
+`--config.train.init_from=CODEC_DIR` starts a new run from a codec directory's
+params (a converted release or another run) with a fresh optimizer.
 
 Multi-process (multi-host) runs: start one process per host with
 JAX_COORDINATOR_ADDRESS=host:port JAX_NUM_PROCESSES=N JAX_PROCESS_ID=i, or under
@@ -15,7 +17,6 @@ with the same --workdir on a shared filesystem and reads its own share of the da
 """
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -23,8 +24,9 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, esc_config.json).")
-flags.DEFINE_string("compile_cache", os.path.expanduser("~/.cache/esc_jax/xla"),
-                    "Persistent XLA compilation cache ('' disables): reruns and resumes skip compiling.")
+flags.DEFINE_string("compile_cache", "default",
+                    "Persistent XLA compilation cache folder ('default': $ESC_JAX_CACHE or "
+                    "~/.cache/esc_jax/xla; '' disables): reruns and resumes skip compiling.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
@@ -43,25 +45,18 @@ def _quiet_libraries():
 def main(argv):
   del argv
   _quiet_libraries()
-  from esc_jax import train_lib  # after flag parsing; imports jax
-
-  train_lib.maybe_initialize_distributed()
+  from esc_jax import runtime  # after flag parsing; imports jax lazily
+  runtime.maybe_initialize_distributed()
+  runtime.enable_compile_cache(FLAGS.compile_cache or None)
   import jax
-  if FLAGS.compile_cache:
-    jax.config.update("jax_compilation_cache_dir", FLAGS.compile_cache)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  from esc_jax import data, train_lib
   logging.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
-  trainer = None
   try:
-    trainer = train_lib.Trainer(FLAGS.config, FLAGS.workdir)
-    trainer.run()
-  except (train_lib.NonFiniteLossError, train_lib.ConfigError, train_lib.data_lib.DataError) as e:
+    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (train_lib.NonFiniteLossError, train_lib.ConfigError, data.DataError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1
-  finally:
-    if trainer is not None:
-      trainer.close()
   print(f"done: {FLAGS.workdir} (load it with esc_jax.load({FLAGS.workdir!r}))")
   return 0
 

@@ -21,8 +21,6 @@ import os
 import pathlib
 import sys
 
-SUPPORTED_AUDIO = (".wav", ".flac", ".ogg", ".oga", ".aif", ".aiff", ".au", ".caf", ".w64", ".mp3", ".opus")
-
 
 def _rate(s: str):
   if s == "original":
@@ -36,14 +34,20 @@ def _rate(s: str):
   return v
 
 
-def _nonneg(s: str) -> int:
-  try:
-    v = int(s)
-  except ValueError:
-    v = -1
-  if v < 0:
-    raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}")
-  return v
+def _frames(role: str):
+  """argparse type: a frame count validated by `streaming.check_chunking` (role: chunk / context)."""
+  def parse(s: str) -> int:
+    from esc_jax import streaming
+    try:
+      v = int(s)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"expected an integer, got {s!r}") from None
+    try:
+      streaming.check_chunking(v, 0) if role == "chunk" else streaming.check_chunking(0, v)
+    except ValueError as e:
+      raise argparse.ArgumentTypeError(str(e)) from None
+    return v
+  return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("input", help=help_in)
     c.add_argument("output", help=help_out)
     c.add_argument("--checkpoint", required=True, help="codec directory (esc_jax.load)")
-    c.add_argument("--chunk_frames", type=_nonneg, default=None,
+    c.add_argument("--chunk_frames", type=_frames("chunk"), default=None,
                    help="code frames (20 ms) per chunk; 0 = whole file at once (default 500 = 10 s; "
                         "decompress: the stream's value)")
-    c.add_argument("--context_frames", type=_nonneg, default=None,
+    c.add_argument("--context_frames", type=_frames("context"), default=None,
                    help="context frames on each side of a chunk (default: the model's receptive field)")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     if name == "compress":
@@ -84,28 +88,6 @@ def load_codec(directory):
   except OSError:
     stamp = None
   return _load_cached(path, stamp)
-
-
-def _pairs(src: pathlib.Path, dst: pathlib.Path, exts, out_ext: str):
-  """(input, output) file pairs of a folder run: recursive, mirrored, hidden files skipped."""
-  if dst.exists() and not dst.is_dir():
-    raise ValueError(f"{dst} is not a folder (the input {src} is one)")
-  dst_abs = dst.resolve()
-  pairs, seen = [], {}
-  for f in sorted(src.rglob("*")):
-    rel = f.relative_to(src)
-    if not f.is_file() or f.suffix.lower() not in exts or any(p.startswith(".") for p in rel.parts):
-      continue
-    if dst_abs == f.resolve().parent or dst_abs in f.resolve().parents:
-      continue  # the output folder inside the input folder
-    out = dst / rel.with_suffix(out_ext)
-    if out in seen:
-      raise ValueError(f"{f} and {seen[out]} would both be written to {out}")
-    seen[out] = f
-    pairs.append((f, out))
-  if not pairs:
-    raise ValueError(f"no {' / '.join(exts) if len(exts) < 3 else 'audio'} files in {src}")
-  return pairs
 
 
 def _seconds(path, command: str):
@@ -135,39 +117,34 @@ def _one_line(e: BaseException) -> str:
 
 
 def run(args) -> int:
-  from esc_jax import streaming
+  from esc_jax import compress, streaming
+  from esc_jax.audio_io import AUDIO_EXTENSIONS
 
   src, dst = pathlib.Path(args.input), pathlib.Path(args.output)
   if not src.exists():
     raise FileNotFoundError(f"no such file or folder: {src}")
   codec = load_codec(args.checkpoint)
-  chunk = args.chunk_frames
   if args.command == "compress":
-    streams = codec.max_streams if args.kbps is None else streaming.streams_for_kbps(codec, args.kbps)
-    chunk = streaming.DEFAULT_CHUNK_FRAMES if chunk is None else chunk
+    streams = codec.max_streams if args.kbps is None else codec.streams_for_kbps(args.kbps)
+    chunk = streaming.DEFAULT_CHUNK_FRAMES if args.chunk_frames is None else args.chunk_frames
 
     def one(a, b, progress=None):
-      streaming.compress_file(codec, a, b, streams, chunk, args.context_frames, progress)
-    exts, out_ext = SUPPORTED_AUDIO, ".esc"
+      compress.compress_file(codec, a, b, streams, chunk, args.context_frames, progress)
+    exts, out_ext = AUDIO_EXTENSIONS, compress.ESC_EXTENSION
   else:
     def one(a, b, progress=None):
-      streaming.decompress_file(codec, a, b, args.sample_rate, chunk, args.context_frames, progress=progress)
-    exts, out_ext = (".esc",), ".wav"
-  if chunk is not None:
-    streaming.check_chunking(chunk, args.context_frames or 0)
+      compress.decompress_file(codec, a, b, args.sample_rate, args.chunk_frames, args.context_frames,
+                               progress=progress)
+    exts, out_ext = (compress.ESC_EXTENSION,), ".wav"
 
   if not src.is_dir():
-    if dst.is_dir():
-      raise ValueError(f"{dst} is a folder; give an output file name")
-    if not dst.absolute().parent.is_dir():
-      raise FileNotFoundError(f"output folder does not exist: {dst.absolute().parent}")
     total = _seconds(src, args.command)
     fmt = "{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]" if total else None
     with _progress_bar(args.quiet, total=total, unit="s", desc=src.name, bar_format=fmt) as bar:
       one(src, dst, bar.update)
     return 0
 
-  pairs = _pairs(src, dst, exts, out_ext)
+  pairs = compress.folder_pairs(src, dst, exts, out_ext)
   failed = 0
   with _progress_bar(args.quiet, total=len(pairs), unit="file", desc=args.command) as bar:
     for a, b in pairs:
@@ -185,29 +162,13 @@ def run(args) -> int:
   return 0
 
 
-def enable_compile_cache() -> None:
-  """Persistent XLA compilation cache for command-line runs (see module docstring)."""
-  path = os.environ.get("ESC_JAX_CACHE")
-  if path is None:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "esc_jax", "xla")
-  if path.lower() in ("", "0", "off", "none"):
-    return
-  try:
-    os.makedirs(path, exist_ok=True)
-  except OSError:
-    return
-  import jax
-  jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def main(argv=None) -> int:
   """Command-line entry point; `argv` None = sys.argv (and the on-disk compile cache)."""
   args = build_parser().parse_args(argv)
   try:
     if argv is None:
-      enable_compile_cache()
+      from esc_jax import runtime
+      runtime.enable_compile_cache()
     return run(args)
   except KeyboardInterrupt:
     _error("interrupted")

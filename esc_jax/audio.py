@@ -1,4 +1,6 @@
-"""Audio front end: torch-exact complex STFT / iSTFT for ESC.
+"""Audio front end: torch-exact complex STFT / iSTFT and mel spectrogram for ESC.
+
+(Reading and writing audio files: `esc_jax.audio_io`.)
 
 Mirrors `torchaudio.transforms.Spectrogram(power=None)` and
 `torchaudio.transforms.InverseSpectrogram` as ESC configures them
@@ -9,8 +11,6 @@ All functions are batched, jit-able and differentiable.
 from __future__ import annotations
 
 import functools
-import os
-import tempfile
 
 import jax.numpy as jnp
 import numpy as np
@@ -129,7 +129,8 @@ def mel_filterbank(sr: int, n_fft: int, n_mels: int, f_min: float = 0.0,
   Triangular filters by linear interpolation in Hz between `n_mels + 2`
   HTK-mel-spaced points. As in torchaudio the bin frequencies are
   `linspace(0, sr // 2, n_fft // 2 + 1)` (librosa uses `rfftfreq`, which
-  differs for odd `n_fft`). Computed in float64, returned as float32.
+  differs for odd `n_fft`; for the even sizes of the losses this equals
+  `librosa.filters.mel(htk=True, norm=None)` exactly; tests check it). Computed in float64, returned as float32.
   The returned array is cached: treat it as read-only.
 
   Returns:
@@ -181,71 +182,3 @@ def mel_spectrogram(x: jnp.ndarray, sr: int = SAMPLE_RATE, n_fft: int = 1024,
   fb = mel_filterbank(sr, n_fft, n_mels, f_min, f_max)
   mel = jnp.einsum("bft,fm->bmt", spec, fb, precision="highest")
   return mel.astype(jnp.float32)
-
-
-# ---------------------------------------------------------------------------
-# Audio file I/O
-# ---------------------------------------------------------------------------
-
-
-def load_audio(path, target_sr: int = SAMPLE_RATE) -> np.ndarray:
-  """Read an audio file as mono float32 at `target_sr` (soxr VHQ resampling).
-
-  Raises:
-    FileNotFoundError: no such file.
-    ValueError: unreadable/corrupt file, empty audio or non-finite samples.
-  Returns:
-    (L,) float32.
-  """
-  import soundfile as sf
-  import soxr
-
-  path = os.fspath(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"audio file not found: {path}")
-  try:
-    data, sr = sf.read(path, dtype="float32", always_2d=True)  # (L, C)
-  except Exception as e:  # libsndfile errors (RuntimeError subclasses), etc.
-    msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    raise ValueError(f"cannot read audio file {path}: {msg}") from e
-  if data.size == 0:
-    raise ValueError(f"audio file {path} is empty (no samples)")
-  if not np.all(np.isfinite(data)):
-    raise ValueError(f"audio file {path} contains NaN or infinite samples")
-  audio = data.mean(axis=1, dtype=np.float32)
-  if sr != target_sr:
-    audio = soxr.resample(audio, sr, target_sr, quality="VHQ")
-  return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def write_audio(path, audio, sr: int = SAMPLE_RATE, subtype: str | None = None) -> None:
-  """Atomically write audio (temp file in the same directory + `os.replace`).
-
-  Args:
-    audio: (L,) or (L, C) float samples in [-1, 1]; clipped for integer subtypes.
-    subtype: soundfile subtype (default: the format's default, PCM_16 for WAV).
-  """
-  import soundfile as sf
-
-  path = os.fspath(path)
-  audio = np.asarray(audio, dtype=np.float32)
-  if audio.ndim not in (1, 2) or audio.shape[0] == 0:
-    raise ValueError(f"cannot write {path}: expected non-empty (L,) or (L, C) audio, got {audio.shape}")
-  if not np.all(np.isfinite(audio)):
-    raise ValueError(f"cannot write {path}: audio contains NaN or infinite samples")
-  directory, base = os.path.split(os.path.abspath(path))
-  ext = os.path.splitext(base)[1]
-  if not ext:
-    raise ValueError(f"cannot write {path}: no file extension to pick the format from")
-  if subtype is None or subtype.upper() not in ("FLOAT", "DOUBLE"):
-    audio = np.clip(audio, -1.0, 1.0)
-  fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=directory)
-  os.close(fd)
-  try:
-    sf.write(tmp, audio, sr, subtype=subtype, format=ext.lstrip(".").upper())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

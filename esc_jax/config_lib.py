@@ -29,11 +29,11 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train_dir = ""  # folder of wav/flac (recursive); required for training
-  c.data.val_dir = ""  # held-out folder for validation; empty = no validation
+  c.data.val_dir = ""  # held-out folder: every file, full length (minus 80 samples); "" = no validation
   c.data.clip_samples = CLIP_SAMPLES
   c.data.sample_rate = 16000
   c.data.num_workers = 2  # grain worker processes; 0 = in the main process
-  c.data.val_max_files = 64  # validation cost grows with PESQ on the host
+  c.data.val_max_files = 0  # 0 = every file of val_dir; N caps validation at the first N files
 
   c.model_name = "csvq+swinT"
   c.model = ml_collections.ConfigDict(dict(model))
@@ -44,6 +44,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   c.train.pretrain_steps = 46_875  # first 15 of 80 epochs: codebooks bypassed
   c.train.quant_dropout = 0.75  # P(num_streams ~ U{1..6}); else all 6 streams
   c.train.compute_dtype = "float32"  # "bfloat16" for accelerators; params stay float32
+  c.train.init_from = ""  # codec directory to start from (params only, fresh optimizer), as --pretrain_ckp
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -58,7 +59,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
                                           stft_weight=1.0))
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 5000
+  c.eval.every_steps = 0  # 0 = once per epoch of the training set (as the original), after pre-training
   c.eval.num_streams = 6
   c.eval.batch_size = 4
 
@@ -69,5 +70,6 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   c.log = ml_collections.ConfigDict()
   c.log.every_steps = 50
   c.log.tensorboard = True
-  c.log.wandb = False
+  c.log.wandb = False  # needs `pip install esc-jax[wandb]`
+  c.log.wandb_project = "esc_jax"
   return c

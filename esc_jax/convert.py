@@ -227,7 +227,7 @@ def convert_checkpoint(checkpoint, output, config=None, overwrite: bool = False)
   model_cfg, model_name = read_model_config(config)
   try:
     model = make_model(model_cfg, model_name)
-    template = model_template(model)
+    template = model_template(model)["params"]
   except (TypeError, ValueError) as e:
     raise ConversionError(f"{config}: invalid model config ({e})") from None
   state_dict = unwrap_state_dict(load_pth(checkpoint), str(checkpoint))

@@ -1,4 +1,4 @@
-"""Training and validation audio for ESC (grain input pipeline).
+"""Training audio for ESC (grain input pipeline; validation audio is read by `esc_jax.evaluation`).
 
 Training stream (deterministic, checkpointable):
 
@@ -21,14 +21,12 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
-import pathlib
-from typing import Iterator, Sequence
+from typing import Sequence
 
 from absl import logging
 import numpy as np
 
-SAMPLE_RATE = 16000
-AUDIO_EXTENSIONS = (".wav", ".flac")
+from esc_jax.audio_io import AUDIO_EXTENSIONS, MODEL_RATE as SAMPLE_RATE, find_audio_files, one_line, to_mono
 
 
 class DataError(ValueError):
@@ -46,20 +44,12 @@ class AudioFile:
     return int(self.frames * sr // self.sample_rate)
 
 
-def list_audio_files(folder) -> list[str]:
-  """Sorted paths of all .wav/.flac files under `folder` (recursive)."""
-  root = pathlib.Path(folder)
-  if not str(folder) or not root.is_dir():
-    raise DataError(f"audio folder {str(folder)!r} does not exist or is not a directory")
-  return sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
-
-
 def _probe(path: str) -> AudioFile | str:
   import soundfile as sf
   try:
     info = sf.info(path)
   except Exception as e:  # libsndfile raises several types for corrupt headers
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    return f"{type(e).__name__}: {one_line(e)}"
   if info.frames <= 0 or info.samplerate <= 0 or info.channels <= 0:
     return "no samples"
   return AudioFile(path, int(info.frames), int(info.samplerate))
@@ -71,9 +61,12 @@ def scan_audio_files(folder, num_threads: int = 16) -> list[AudioFile]:
   Raises:
     DataError: missing folder, no audio files, or none of them readable.
   """
-  paths = list_audio_files(folder)
+  try:
+    paths = [str(p) for p in find_audio_files(folder)]
+  except FileNotFoundError:
+    raise DataError(f"audio folder {str(folder)!r} does not exist or is not a directory") from None
   if not paths:
-    raise DataError(f"no {'/'.join(AUDIO_EXTENSIONS)} files under {folder}")
+    raise DataError(f"no audio files ({' '.join(AUDIO_EXTENSIONS)}) under {folder}")
   with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
     probed = list(pool.map(_probe, paths))
   files = []
@@ -116,7 +109,7 @@ def read_clip(f: AudioFile, offset: int, n: int, sr: int = SAMPLE_RATE) -> np.nd
     raise ValueError(f"cannot read {f.path}: {type(e).__name__}: {e}") from e
   if not np.all(np.isfinite(data)):
     raise ValueError(f"{f.path} contains NaN or infinite samples")
-  x = data.mean(axis=1, dtype=np.float32)
+  x = to_mono(data)
   if f.sample_rate != sr and x.size:
     x = soxr.resample(x, f.sample_rate, sr, quality="VHQ")[skip:]
   x = x[:n]
@@ -166,13 +159,18 @@ def train_dataset(files: Sequence[AudioFile], clip_samples: int, batch_size: int
   return ds.batch(batch_size // process_count, drop_remainder=True)
 
 
-def train_iterator(folder, clip_samples: int, batch_size: int, seed: int, num_workers: int = 0,
-                   process_index: int | None = None, process_count: int | None = None,
+def steps_per_epoch(num_files: int, batch_size: int) -> int:
+  """Steps that draw every training file once (the original's epoch), at least 1."""
+  return max(1, num_files // batch_size)
+
+
+def train_iterator(files: Sequence[AudioFile], clip_samples: int, batch_size: int, seed: int,
+                   num_workers: int = 0, process_index: int | None = None, process_count: int | None = None,
                    sample_rate: int = SAMPLE_RATE, num_threads: int = 4):
   """Checkpointable iterator of (local_batch, clip_samples) float32 numpy batches.
 
   Args:
-    folder: training audio (recursive, wav/flac, any rate and channel count).
+    files: `scan_audio_files(folder)` (any rate and channel count).
     batch_size: global batch (all processes together).
     num_workers: grain worker processes (0: read in this process with threads).
   Returns: a grain DatasetIterator (`next`, `get_state`, `set_state`, `close`).
@@ -182,8 +180,6 @@ def train_iterator(folder, clip_samples: int, batch_size: int, seed: int, num_wo
   if process_index is None or process_count is None:
     import jax
     process_index, process_count = jax.process_index(), jax.process_count()
-  files = scan_audio_files(folder)
-  logging.info("training data: %d files under %s", len(files), folder)
   ds = train_dataset(files, clip_samples, batch_size, seed, process_index, process_count, sample_rate)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(1, num_threads), prefetch_buffer_size=4))
   if num_workers > 0:
@@ -192,35 +188,3 @@ def train_iterator(folder, clip_samples: int, batch_size: int, seed: int, num_wo
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return iter(it)
-
-
-def load_clips(folder, clip_samples: int, max_files: int | None = None,
-               sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, list[str]]:
-  """The first `clip_samples` of each file (zero-padded), for validation.
-
-  Returns: ((N, clip_samples) float32, their paths); unreadable files are skipped.
-  """
-  from esc_jax.audio import load_audio
-
-  paths = list_audio_files(folder)
-  clips, used = [], []
-  for p in paths:
-    if max_files is not None and len(used) >= max_files:
-      break
-    try:
-      x = load_audio(p, sample_rate)[:clip_samples]
-    except (ValueError, OSError) as e:
-      logging.warning("skipping unreadable audio file %s (%s)", p, e)
-      continue
-    clips.append(np.pad(x, (0, clip_samples - x.size)))
-    used.append(p)
-  if not clips:
-    raise DataError(f"no readable {'/'.join(AUDIO_EXTENSIONS)} files under {folder}")
-  return np.stack(clips).astype(np.float32), used
-
-
-def batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-  """(N, L) -> (batch_size, L) chunks, the last zero-padded; yields (chunk, valid rows)."""
-  for i in range(0, len(x), batch_size):
-    b = x[i:i + batch_size]
-    yield np.pad(b, ((0, batch_size - len(b)), (0, 0))), len(b)

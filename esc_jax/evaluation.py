@@ -1,7 +1,7 @@
 """Evaluate a codec on speech at every bitrate (the original's scripts/test.py, extended).
 
   codec = esc_jax.load("codec_dir")
-  result = evaluate(codec, find_audio_files("speech/"), num_streams=None, batch_size=8)
+  result = evaluate(codec, esc_jax.audio_io.find_audio_files("speech/"), num_streams=None)
   print(format_table(result)); save_results(result, "eval_results")
 
 Metrics per file (identical to the original's scripts/metrics.py): wide-band
@@ -11,11 +11,15 @@ the set (rounded to 4 decimals like the original's EntropyCounter; the exact
 value is kept as `utilization_exact`).
 
 Exactness and batching:
-- Every clip is evaluated at its full length n: zero-padded to the codec's
-  valid length (`fit="pad"`, as `Codec.reconstruct` does) and the output
-  trimmed back to n; or cut to the largest valid length <= n (`fit="crop"`:
-  the original's protocol, whose 48000-sample test clips lose their last 80
-  samples and are never padded).
+- `fit="crop"` (the default) is the original's test protocol (scripts/test.py
+  reads `x[0, :-80]`: a file's first channel without its last hop of 80
+  samples): each clip loses its last hop and is cut to the largest valid
+  length left (48000-sample test clips become 47920, exactly the original's
+  input; other lengths lose < 20 ms more). These are the paper-comparable
+  numbers. `fit="pad"` evaluates the whole clip instead: zero-padded to the
+  codec's valid length (as `Codec.reconstruct` does) and trimmed back.
+- Files are read as their first channel (`channel="first"`, the original's)
+  or as the mean of their channels (`channel="mean"`, as the CLI codes them).
 - One jitted program per batch shape does encode, decode and the masked
   metrics for every bitrate: the number of streams is a traced argument and
   untransmitted streams leave the decoder state untouched (`jnp.where`), so
@@ -49,22 +53,20 @@ import math
 import os
 import pathlib
 import sys
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from esc_jax import metrics as M
-from esc_jax.audio import SAMPLE_RATE, hann_window, load_audio, mel_filterbank, safe_magnitude
-from esc_jax.codec import ESC
-from esc_jax.losses import CLAMP_EPS, MEL_BINS, MEL_WINDOWS
+from esc_jax.audio import SAMPLE_RATE
+from esc_jax.audio_io import load_audio
+from esc_jax.files import write_json_atomic
+from esc_jax.losses import MEL_WINDOWS
 
 METRICS = ("pesq", "stoi", "mel_distance", "si_sdr")
 METRIC_LABELS = {"pesq": "PESQ", "stoi": "STOI", "mel_distance": "MelDist", "si_sdr": "SI-SDR",
                  "utilization": "Util"}
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
-                    ".caf", ".w64", ".rf64", ".wavex")
 # The widest mel scale (2048) reflect-pads 1024 samples, which needs n > 1024.
 MIN_SAMPLES = max(MEL_WINDOWS) // 2 + 1
 
@@ -74,25 +76,12 @@ MIN_SAMPLES = max(MEL_WINDOWS) // 2 + 1
 # ---------------------------------------------------------------------------
 
 
-def find_audio_files(folder, extensions: Iterable[str] = AUDIO_EXTENSIONS) -> list[pathlib.Path]:
-  """Audio files under `folder` (recursive, sorted, hidden entries skipped)."""
-  folder = pathlib.Path(folder)
-  if not folder.is_dir():
-    raise FileNotFoundError(f"{folder}: no such folder")
-  exts = {e.lower() for e in extensions}
-  found = []
-  for root, dirs, files in os.walk(folder):
-    dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-    found += [pathlib.Path(root, f) for f in files
-              if not f.startswith(".") and os.path.splitext(f)[1].lower() in exts]
-  return sorted(found)
-
-
-def load_clips(items) -> tuple[list[str], list[np.ndarray], list[dict]]:
+def load_clips(items, channel: str = "first") -> tuple[list[str], list[np.ndarray], list[dict]]:
   """Paths / arrays / {name: path or array} -> (names, 16 kHz mono float32 arrays, skipped).
 
-  Unreadable files are not fatal: each is listed in `skipped` as
-  {"name", "reason"}.
+  Files are read with `audio_io.load_audio(path, channel=channel)`; arrays
+  must already be (L,) 16 kHz float audio. Unreadable files are not fatal:
+  each is listed in `skipped` as {"name", "reason"}.
   """
   pairs = list(items.items()) if isinstance(items, Mapping) else [
       (os.fspath(it) if isinstance(it, (str, os.PathLike)) else f"clip{i}", it)
@@ -101,7 +90,7 @@ def load_clips(items) -> tuple[list[str], list[np.ndarray], list[dict]]:
   for name, it in pairs:
     try:
       if isinstance(it, (str, os.PathLike)):
-        x = load_audio(it)
+        x = load_audio(it, channel=channel)
       else:
         x = np.asarray(it)
         if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
@@ -117,81 +106,16 @@ def load_clips(items) -> tuple[list[str], list[np.ndarray], list[dict]]:
   return names, clips, skipped
 
 
-# ---------------------------------------------------------------------------
-# Masked batch metrics (exact-length values from padded batches)
-# ---------------------------------------------------------------------------
-
-
-def _reflect_gather(x: jnp.ndarray, n: jnp.ndarray, pad: int, size: int) -> jnp.ndarray:
-  """Item b's first n[b] samples reflect-padded by `pad` on both sides (`size` samples).
-
-  Equals `np.pad(x[b, :n[b]], pad, "reflect")` on its first n[b] + 2 pad
-  samples; what follows is filler for frames the caller masks out.
-  """
-  p = jnp.abs(jnp.arange(size) - pad)[None]  # reflect at the start
-  last = (n - 1)[:, None]
-  idx = jnp.where(p > last, 2 * last - p, p)  # reflect at the end
-  return jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1), axis=1)
-
-
-def _log_mel_l1(x, y, n, w: int, n_mels: int, sr: int, clamp_eps: float):
-  """Per item mean |log10 mel_x^2 - log10 mel_y^2| over the item's own frames."""
-  hop, pad = w // 4, w // 2
-  frames = 1 + x.shape[1] // hop
-  fidx = np.arange(frames)[:, None] * hop + np.arange(w)[None]  # (T, w)
-  win = hann_window(w, w)
-  fb = mel_filterbank(sr, w, n_mels)
-
-  def log_mel(a):
-    spec = jnp.fft.rfft(_reflect_gather(a, n, pad, (frames - 1) * hop + w)[:, fidx] * win, axis=-1)
-    mel = jnp.einsum("btf,fm->btm", safe_magnitude(spec.real, spec.imag), fb, precision="highest")
-    return jnp.log10(jnp.square(jnp.maximum(mel, clamp_eps)))
-
-  t_n = 1 + n // hop  # the item's own frame count
-  mask = jnp.arange(frames)[None] < t_n[:, None]
-  d = jnp.sum(jnp.abs(log_mel(x) - log_mel(y)), axis=2)
-  return jnp.sum(jnp.where(mask, d, 0.0), axis=1) / (t_n * n_mels)
-
-
-def masked_mel_distance(ref, est, lengths, sr: int = SAMPLE_RATE, clamp_eps: float = CLAMP_EPS):
-  """`metrics.mel_distance` of each item's first `lengths[b]` samples (> 1024).
-
-  Args:
-    ref, est: (B, L) padded batches; lengths: (B,) int valid lengths.
-  Returns:
-    (B,) float32.
-  """
-  ref = jnp.asarray(ref, jnp.float32)
-  est = jnp.asarray(est, jnp.float32)
-  n = jnp.asarray(lengths, jnp.int32)
-  return sum(_log_mel_l1(ref, est, n, w, m, sr, clamp_eps) for w, m in zip(MEL_WINDOWS, MEL_BINS))
-
-
-def masked_si_sdr(ref, est, lengths, eps: float = 1e-8):
-  """`metrics.si_sdr` of each item's first `lengths[b]` samples: (B,) dB."""
-  ref = jnp.asarray(ref, jnp.float32)
-  est = jnp.asarray(est, jnp.float32)
-  n = jnp.asarray(lengths, jnp.int32)
-  mask = jnp.arange(ref.shape[1])[None] < n[:, None]
-
-  def centred(a):
-    mean = jnp.sum(jnp.where(mask, a, 0.0), axis=1, keepdims=True) / n[:, None]
-    return jnp.where(mask, a - mean, 0.0)
-
-  r, e = centred(ref), centred(est)
-  scale = (jnp.sum(e * r, axis=1, keepdims=True) + eps) / (jnp.sum(r * r, axis=1, keepdims=True) + eps)
-  e_true = scale * r
-  signal = jnp.sum(e_true ** 2, axis=1)
-  noise = jnp.sum((e - e_true) ** 2, axis=1)
-  return 10.0 * jnp.log10(signal / noise + eps)
-
-
 @functools.partial(jax.jit, static_argnums=0)
-def _eval_step(model, params, x, lengths, num_streams):
-  """Round trip of a padded batch and its masked mel distance and SI-SDR."""
+def _eval_step(model, variables, x, lengths, num_streams):
+  """Round trip of a padded batch and its masked mel distance and SI-SDR.
+
+  Jitted once per (model, batch shape): every Codec of a model (e.g. one per
+  validation during training) reuses the compiled program.
+  """
   with jax.default_matmul_precision("highest"):
-    codes, y = model.apply({"params": params}, x, num_streams, method=ESC.round_trip)
-    return codes, y, masked_mel_distance(x, y, lengths), masked_si_sdr(x, y, lengths)
+    codes, y = model.apply(variables, x, num_streams, method="round_trip")
+    return codes, y, M.mel_distance(x, y, lengths), M.si_sdr(x, y, lengths)
 
 
 # ---------------------------------------------------------------------------
@@ -241,10 +165,6 @@ def plan_batches(lengths: Sequence[int], codec, batch_size: int,
   return batches
 
 
-def _largest_valid_length(codec, n: int) -> int:
-  return (n + codec.hop) // codec.samples_per_frame * codec.samples_per_frame - codec.hop
-
-
 # ---------------------------------------------------------------------------
 # Evaluation
 # ---------------------------------------------------------------------------
@@ -258,21 +178,33 @@ def _summary(values) -> dict:
   return {"mean": mean, "std": std, "count": int(ok.size)}
 
 
+FITS = ("crop", "pad")
+
+
+def fit_clip(model, x: np.ndarray, fit: str) -> np.ndarray:
+  """The part of clip `x` that is evaluated: "crop" = x[:-hop] cut to a valid length, "pad" = x."""
+  if fit == "crop":
+    return x[:model.largest_valid_length(x.shape[0] - model.hop)]
+  if fit == "pad":
+    return x
+  raise ValueError(f"fit must be one of {FITS}, got {fit!r}")
+
+
 def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch_size: int = 8,
-             metrics: Sequence[str] = METRICS, fit: str = "pad", bucket_growth: float | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             metrics: Sequence[str] = METRICS, fit: str = "crop", channel: str = "first",
+             bucket_growth: float | None = None, progress: bool = True) -> dict[str, Any]:
   """Reconstruct `clips` at each bitrate and score them against the originals.
 
   Args:
-    codec: an `esc_jax.Codec` (training can reuse one Codec across validations
-      by assigning `codec.params`: its jitted functions take params as input).
-    clips: paths (read with `load_audio`: any rate, channels mixed), 1-D 16 kHz
-      float arrays, or a mapping name -> path/array. Unreadable or too short
-      clips are skipped and reported.
+    codec: an `esc_jax.Codec`.
+    clips: paths (any rate; see `channel`), 1-D 16 kHz float arrays, or a
+      mapping name -> path/array. Unreadable or too short clips are skipped
+      and reported.
     num_streams: an int in 1..max_streams, a sequence of them, or None = all.
     metrics: subset of METRICS (utilisation is always computed).
-    fit: "pad" (whole clip, padded and trimmed back) or "crop" (largest valid
-      prefix, the original's protocol).
+    fit: "crop" (the original's protocol) or "pad" (whole clip); see the
+      module docstring.
+    channel: "first" (the original's) or "mean" channel of multi-channel files.
     bucket_growth: None = exact per-clip shapes; g > 1 = geometric length
       buckets (fewer compiles, approximate near clip ends).
   Returns:
@@ -287,13 +219,11 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
   unknown = [m for m in metrics if m not in METRICS]
   if unknown:
     raise ValueError(f"unknown metrics {unknown}; choose from {list(METRICS)}")
-  if fit not in ("pad", "crop"):
-    raise ValueError(f"fit must be 'pad' or 'crop', got {fit!r}")
-  names, audio, skipped = load_clips(clips)
+  fit_clip(codec.model, np.zeros(0, np.float32), fit)  # validates `fit`
+  names, audio, skipped = load_clips(clips, channel)
   keep_names, keep = [], []
   for name, x in zip(names, audio):
-    if fit == "crop":
-      x = x[:max(0, _largest_valid_length(codec, x.shape[0]))]
+    x = fit_clip(codec.model, x, fit)
     if x.shape[0] < MIN_SAMPLES:
       skipped.append({"name": name, "reason": f"too short ({x.shape[0]} samples{' after cropping' if fit == 'crop' else ''}; "
                                               f"the metrics need >= {MIN_SAMPLES})"})
@@ -334,7 +264,8 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
         "per_file": per_file})
   bar.close()
   return {
-      "sample_rate": SAMPLE_RATE, "metrics": list(metrics), "fit": fit, "batch_size": batch_size,
+      "sample_rate": SAMPLE_RATE, "metrics": list(metrics), "fit": fit, "channel": channel,
+      "batch_size": batch_size,
       "bucket_growth": bucket_growth, "num_files": len(keep), "num_skipped": len(skipped),
       "files": [{"name": n, "num_samples": int(l)} for n, l in zip(keep_names, lengths)],
       "skipped": skipped, "bitrates": results,
@@ -359,7 +290,7 @@ def _run_batch(codec, clips: list[np.ndarray], batch: Batch, s: int, metrics) ->
   for i, c in enumerate(clips):
     x[i, :c.shape[0]] = c
     n[i] = c.shape[0]
-  codes, y, mel, sdr = jax.device_get(_eval_step(codec.model, codec.params, x, n, np.int32(s)))
+  codes, y, mel, sdr = jax.device_get(_eval_step(codec.model, codec.variables, x, n, np.int32(s)))
   out: dict[str, Any] = {"codes": [codes[i, :s, :, :codec.num_frames(int(n[i]))] for i in range(k)],
                          "mel_distance": mel[:k], "si_sdr": sdr[:k]}
   refs = [x[i, :n[i]] for i in range(k)]
@@ -432,8 +363,6 @@ def plot_metrics(result: Mapping[str, Any], path) -> None:
 
 def save_results(result: Mapping[str, Any], directory) -> tuple[pathlib.Path, pathlib.Path]:
   """Write DIR/results.json (strict JSON: NaN -> null) and DIR/metrics.png."""
-  from esc_jax.checkpoint import write_json_atomic
-
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   js, png = directory / "results.json", directory / "metrics.png"

@@ -20,19 +20,6 @@ def _log_mel(m: jnp.ndarray, clamp_eps: float) -> jnp.ndarray:
   return jnp.log10(jnp.square(jnp.where(m >= clamp_eps, m, clamp_eps)))
 
 
-def _mel_terms(x: jnp.ndarray, y: jnp.ndarray, windows=MEL_WINDOWS, n_mels=MEL_BINS,
-               sr: int = SAMPLE_RATE, clamp_eps: float = CLAMP_EPS):
-  """Per-scale (linear L1, log L1) terms, each (B,), summed over the scales."""
-  lin = jnp.zeros(x.shape[0], jnp.float32)
-  log = jnp.zeros(x.shape[0], jnp.float32)
-  for w, nm in zip(windows, n_mels):
-    kw = dict(sr=sr, n_fft=w, win_length=w, hop=w // 4, n_mels=nm, power=1.0)
-    mx, my = mel_spectrogram(x, **kw), mel_spectrogram(y, **kw)  # (B, n_mels, T)
-    lin = lin + jnp.mean(jnp.abs(mx - my), axis=(1, 2))
-    log = log + jnp.mean(jnp.abs(_log_mel(mx, clamp_eps) - _log_mel(my, clamp_eps)), axis=(1, 2))
-  return lin, log
-
-
 def mel_loss(x: jnp.ndarray, y: jnp.ndarray, windows=MEL_WINDOWS, n_mels=MEL_BINS,
              sr: int = SAMPLE_RATE, clamp_eps: float = CLAMP_EPS) -> jnp.ndarray:
   """Multi-scale L1 mel + L1 log10-mel-power loss (MelSpectrogramLoss).
@@ -41,21 +28,16 @@ def mel_loss(x: jnp.ndarray, y: jnp.ndarray, windows=MEL_WINDOWS, n_mels=MEL_BIN
     x, y: (B, L) reference and reconstructed audio.
   Returns:
     (B,) sum over the scales of mean|mx - my| + mean|log10 mx^2 - log10 my^2|.
+    (The mel distance metric, the log term alone, is `esc_jax.metrics.mel_distance`.)
   """
-  lin, log = _mel_terms(x, y, windows, n_mels, sr, clamp_eps)
+  lin = jnp.zeros(x.shape[0], jnp.float32)
+  log = jnp.zeros(x.shape[0], jnp.float32)
+  for w, nm in zip(windows, n_mels):
+    kw = dict(sr=sr, n_fft=w, win_length=w, hop=w // 4, n_mels=nm, power=1.0)
+    mx, my = mel_spectrogram(x, **kw), mel_spectrogram(y, **kw)  # (B, n_mels, T)
+    lin = lin + jnp.mean(jnp.abs(mx - my), axis=(1, 2))
+    log = log + jnp.mean(jnp.abs(_log_mel(mx, clamp_eps) - _log_mel(my, clamp_eps)), axis=(1, 2))
   return lin + log
-
-
-def mel_distance(x: jnp.ndarray, y: jnp.ndarray, windows=MEL_WINDOWS, n_mels=MEL_BINS,
-                 sr: int = SAMPLE_RATE, clamp_eps: float = CLAMP_EPS) -> jnp.ndarray:
-  """Mel distance metric (scripts/metrics.py MelSpectrogramDistance).
-
-  Args:
-    x, y: (B, L) reference and reconstructed audio.
-  Returns:
-    (B,) log term of `mel_loss` only, summed over the 7 scales.
-  """
-  return _mel_terms(x, y, windows, n_mels, sr, clamp_eps)[1]
 
 
 def power_law(s: jnp.ndarray, power: float = POWER, eps: float = 1e-10) -> jnp.ndarray:

@@ -1,4 +1,4 @@
-"""Chunked (bounded-memory) compression of long files with a `Codec`.
+"""Chunked (bounded-memory) encoding and decoding of long signals with a `Codec`.
 
 Why chunking is sound. ESC has no recurrence and no global operation along
 time: every layer is local in time. The STFT (hop 80, window 382) and the
@@ -30,34 +30,27 @@ context and only the audio of its kept frames is used; at each boundary the
 two windows' audio is cross-faded (raised cosine over `crossfade` samples,
 centred on the boundary, well inside both windows' context).
 
-Memory. Audio is read in blocks (`soundfile`), mixed to mono and resampled
-with `soxr.ResampleStream`; the encoder buffers at most one window plus one
-read block; decoded audio is written block by block (through another
-ResampleStream when the output rate is not 16 kHz) to a temporary file that
-is renamed into place. Only the codes of the whole file are held: S x G x T'
-int32, 6.5 MB for 30 minutes at 9 kbps (and the packed `.esc` payload,
-1/3.2 of that). Peak memory is thus independent of the file's length apart
-from those codes.
+Memory. The encoder buffers at most one window plus one pushed block of
+audio, the decoder yields audio window by window; with the block-wise readers
+and writers of `esc_jax.audio_io`, file compression (`esc_jax.compress`) holds
+only the codes of the whole file: S x G x T' int32, 6.5 MB for 30 minutes at
+9 kbps. Peak memory is thus independent of the file's length apart from those
+codes.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import tempfile
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from esc_jax import bitstream
-from esc_jax.checkpoint import Codec
+from esc_jax.api import Codec
+from esc_jax.audio_io import BLOCK_SAMPLES
 
 DEFAULT_CHUNK_FRAMES = 500  # 10 s per window centre
 DEFAULT_CONTEXT_FRAMES = 24  # 0.48 s each side; >= ESC-Base's receptive field (`context_frames_for`)
 DEFAULT_CROSSFADE = 640  # samples (40 ms) of raised-cosine cross-fade at chunk boundaries
 ALIGN_FRAMES = 2  # window starts on multiples of 2 code frames = 4 time patches (one Swin window)
-BLOCK_SAMPLES = 1 << 16  # samples per read / write block
-MODEL_RATE = 16000
 
 
 class Window(NamedTuple):
@@ -113,145 +106,6 @@ def chunk_plan(num_frames: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
   start = (t - w) // ALIGN_FRAMES * ALIGN_FRAMES
   wins.append(Window(start, t, wins[-1].keep_end, t))
   return wins
-
-
-# ---------------------------------------------------------------------------
-# Audio in / out in blocks
-# ---------------------------------------------------------------------------
-
-
-class AudioReader:
-  """A sound file read block by block as mono float32 at 16 kHz.
-
-  Mixes channels by their mean and resamples with `soxr.ResampleStream`
-  (VHQ), as `esc_jax.audio.load_audio` does for whole files. Raises
-  FileNotFoundError or ValueError (unreadable, empty, non-finite samples).
-  """
-
-  def __init__(self, path, block: int = BLOCK_SAMPLES, target_sr: int = MODEL_RATE):
-    import soundfile as sf
-
-    self.path = os.fspath(path)
-    if not os.path.isfile(self.path):
-      raise FileNotFoundError(f"audio file not found: {self.path}")
-    try:
-      self._f = sf.SoundFile(self.path)
-    except Exception as e:  # libsndfile errors
-      raise ValueError(f"cannot read audio file {self.path}: {_one_line(e)}") from None
-    self.sample_rate = int(self._f.samplerate)
-    self.channels = int(self._f.channels)
-    self.target_sr = target_sr
-    self.block = block
-    if self._f.frames == 0:
-      self._f.close()
-      raise ValueError(f"audio file {self.path} is empty (no samples)")
-
-  @property
-  def frames(self) -> int:
-    """Length in samples at the file's own rate (as the header says)."""
-    return int(self._f.frames)
-
-  def close(self) -> None:
-    self._f.close()
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    self.close()
-
-  def blocks(self) -> Iterator[np.ndarray]:
-    """Yields (n,) float32 blocks at `target_sr`; ValueError on bad data."""
-    import soxr
-
-    rs = None
-    if self.sample_rate != self.target_sr:
-      rs = soxr.ResampleStream(self.sample_rate, self.target_sr, 1, dtype="float32", quality="VHQ")
-    total = 0
-    while True:
-      try:
-        data = self._f.read(self.block, dtype="float32", always_2d=True)
-      except Exception as e:
-        raise ValueError(f"cannot read audio file {self.path}: {_one_line(e)}") from None
-      last = len(data) < self.block
-      if len(data) and not np.all(np.isfinite(data)):
-        raise ValueError(f"audio file {self.path} contains NaN or infinite samples")
-      x = data.mean(axis=1, dtype=np.float32)
-      total += len(x)
-      if rs is not None:
-        x = rs.resample_chunk(x, last=last)
-      if len(x):
-        yield np.ascontiguousarray(x, dtype=np.float32)
-      if last:
-        break
-    if total == 0:
-      raise ValueError(f"audio file {self.path} is empty (no samples)")
-
-
-@contextlib.contextmanager
-def atomic_output(path):
-  """Yields a temporary path next to `path`; renamed onto `path` only on success."""
-  path = os.fspath(path)
-  directory, base = os.path.split(os.path.abspath(path))
-  ext = os.path.splitext(base)[1]
-  fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=f".tmp{ext}", dir=directory)
-  os.close(fd)
-  try:
-    yield tmp
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(OSError):
-      os.remove(tmp)
-    raise
-
-
-def write_audio_blocks(path, blocks: Iterable[np.ndarray], num_samples: int, sample_rate: int = MODEL_RATE,
-                       out_rate: int | None = None, subtype: str = "PCM_16") -> int:
-  """Writes 16 kHz mono blocks to `path` (WAV etc., by extension) incrementally and atomically.
-
-  The output is resampled to `out_rate` (default: `sample_rate`) with
-  `soxr.ResampleStream` and has exactly round(num_samples * out_rate /
-  sample_rate) samples (trimmed or zero-padded by the resampler's rounding).
-  Returns that length. No file is left at `path` if anything fails.
-  """
-  import soundfile as sf
-  import soxr
-
-  out_rate = int(out_rate or sample_rate)
-  target = int(round(num_samples * out_rate / sample_rate))
-  ext = os.path.splitext(os.fspath(path))[1].lstrip(".").upper()
-  if not ext:
-    raise ValueError(f"cannot write {path}: no file extension to pick the format from")
-  rs = None
-  if out_rate != sample_rate:
-    rs = soxr.ResampleStream(sample_rate, out_rate, 1, dtype="float32", quality="VHQ")
-  clip = subtype.upper() not in ("FLOAT", "DOUBLE")
-  with atomic_output(path) as tmp:
-    try:
-      f = sf.SoundFile(tmp, "w", samplerate=out_rate, channels=1, subtype=subtype, format=ext)
-    except Exception as e:
-      raise ValueError(f"cannot write {path}: {_one_line(e)}") from None
-    with f:
-      written = 0
-
-      def put(y):
-        nonlocal written
-        y = y[:target - written]
-        if clip:
-          y = np.clip(y, -1.0, 1.0)
-        if len(y):
-          f.write(y)
-          written += len(y)
-
-      for b in blocks:
-        b = np.asarray(b, np.float32)
-        put(rs.resample_chunk(b) if rs is not None else b)
-      if rs is not None:
-        put(rs.resample_chunk(np.zeros(0, np.float32), last=True))
-      if written < target:
-        put(np.zeros(target - written, np.float32))
-  return target
 
 
 # ---------------------------------------------------------------------------
@@ -429,106 +283,3 @@ def decode_chunked(codec: Codec, codes, num_samples: int | None = None,
   """codes (S, G, T') -> (L,) float32 16 kHz audio decoded window by window."""
   return np.concatenate(list(decode_blocks(codec, codes, num_samples, chunk_frames, context_frames,
                                            crossfade)))
-
-
-def _one_line(e: BaseException) -> str:
-  s = str(e).strip()
-  return s.splitlines()[-1] if s else type(e).__name__
-
-
-# ---------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------
-
-
-class CodecMismatchError(ValueError):
-  """A `.esc` stream that was not made by the loaded codec."""
-
-
-def streams_for_kbps(codec: Codec, kbps) -> int:
-  """Number of streams giving `kbps` with this codec (1.5 .. 9 for ESC at 1024 codes)."""
-  valid = {s: codec.kbps(s) for s in range(1, codec.max_streams + 1)}
-  try:
-    x = float(kbps)
-  except (TypeError, ValueError):
-    x = math.nan
-  for s, v in valid.items():
-    if abs(x - v) < 1e-3:
-      return s
-  raise ValueError(f"unsupported bitrate {kbps} kbps for this codec; choose one of "
-                   f"{', '.join(f'{v:g}' for v in valid.values())}")
-
-
-def compress_file(codec: Codec, src, dst, num_streams: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-                  context_frames: int | None = None, progress: Callable[[float], None] | None = None
-                  ) -> bitstream.StreamHeader:
-  """Encodes the audio file `src` (any rate / channels) into the `.esc` file `dst`.
-
-  chunk_frames = 0 encodes the whole file at once (exactly `codec.encode`).
-  progress (optional) is called with seconds of audio coded. `dst` is written
-  atomically; nothing is left there on failure.
-  """
-  context_frames = context_frames_for(codec) if context_frames is None else context_frames
-  spf = codec.samples_per_frame
-  on_frames = (lambda f: progress(f * spf / MODEL_RATE)) if progress else None
-  with AudioReader(src) as reader:
-    codes, n = encode_blocks(codec, reader.blocks(), num_streams, chunk_frames, context_frames, on_frames)
-    data = bitstream.encode_stream(codes, num_samples=n, sample_rate=reader.sample_rate,
-                                   codebook_size=codec.codebook_size, fingerprint=codec.fingerprint,
-                                   chunk_frames=chunk_frames)
-  bitstream.write_stream(dst, data)
-  return bitstream.decode_stream(data)[0]
-
-
-def check_stream(codec: Codec, header: bitstream.StreamHeader, name: str = "stream") -> None:
-  """CodecMismatchError unless `codec` can decode the stream `header` describes."""
-  if header.fingerprint != codec.fingerprint:
-    raise CodecMismatchError(
-        f"{name} was encoded with a different codec (stream fingerprint {header.fingerprint.hex()}, "
-        f"checkpoint {codec.fingerprint.hex()})")
-  if header.codebook_size != codec.codebook_size or header.group_size != codec.group_size \
-      or header.num_streams > codec.max_streams:
-    raise CodecMismatchError(f"{name}: {header.num_streams} streams x {header.group_size} codes of "
-                             f"{header.codebook_bits} bits do not fit this codec")
-  if header.num_samples == 0 or header.num_frames == 0 \
-      or codec.num_frames(header.num_samples) != header.num_frames:
-    raise bitstream.BitstreamError(f"{name}: {header.num_frames} code frames cannot carry "
-                                   f"{header.num_samples} samples")
-
-
-def output_rate(header: bitstream.StreamHeader, sample_rate: int | str | None) -> int:
-  """16000 (None), the input file's rate ("original") or an explicit rate in Hz."""
-  if sample_rate is None:
-    return MODEL_RATE
-  if sample_rate == "original":
-    return header.sample_rate
-  rate = int(sample_rate)
-  if rate <= 0:
-    raise ValueError(f"sample rate must be positive, got {sample_rate}")
-  return rate
-
-
-def decompress_file(codec: Codec, src, dst, sample_rate: int | str | None = None,
-                    chunk_frames: int | None = None, context_frames: int | None = None,
-                    crossfade: int = DEFAULT_CROSSFADE, subtype: str = "PCM_16",
-                    progress: Callable[[float], None] | None = None) -> tuple[bitstream.StreamHeader, int]:
-  """Decodes the `.esc` file `src` into the audio file `dst` (format by extension).
-
-  sample_rate: None = 16 kHz, "original" = the input's rate from the header,
-  or an int. chunk_frames: None = the header's value (the default when it is
-  0), 0 = whole file. Returns (header, samples written). `dst` is written
-  atomically; BitstreamError / CodecMismatchError leave nothing behind.
-  """
-  header, codes = bitstream.read_stream(src)
-  check_stream(codec, header, os.fspath(src))
-  rate = output_rate(header, sample_rate)
-  if chunk_frames is None:
-    chunk_frames = header.chunk_frames or DEFAULT_CHUNK_FRAMES
-  if chunk_frames % ALIGN_FRAMES:  # a foreign encoder's hint we cannot use
-    chunk_frames = DEFAULT_CHUNK_FRAMES
-  context_frames = context_frames_for(codec) if context_frames is None else context_frames
-  spf = codec.samples_per_frame
-  on_frames = (lambda f: progress(f * spf / MODEL_RATE)) if progress else None
-  blocks = decode_blocks(codec, codes, header.num_samples, chunk_frames, context_frames, crossfade, on_frames)
-  n = write_audio_blocks(dst, blocks, header.num_samples, MODEL_RATE, rate, subtype)
-  return header, n

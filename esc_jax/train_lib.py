@@ -1,32 +1,32 @@
-"""Training ESC (the original's non-adversarial recipe) in one compiled step.
+"""Training ESC (the original's non-adversarial recipe) as plain functions.
 
-  trainer = Trainer(config, workdir)   # restores WORKDIR/checkpoints if present
-  trainer.run()                        # until config.train.num_steps
+  program = build(config)                       # model, optimizer, mesh, compiled step
+  state = train_and_evaluate(config, workdir)   # the whole run, resumable
 
 Recipe (SPEC "Losses and training recipe"): loss `objective.codec_loss`; AdamW
 (b1 .9, b2 .999, eps 1e-8, weight decay .01) after global-norm clipping (0.5),
 lr 1e-4 constant (or warmup_cosine / exponential); quantisation dropout: with
 probability `train.quant_dropout` num_streams ~ U{1..max_streams}, else all,
 drawn inside the step from fold_in(PRNGKey(seed), step); steps < pretrain_steps
-bypass the codebooks; the optimizer state is re-initialised once, at the first
-step after pre-training. num_streams and the phase are traced values, so one
-compiled step serves the whole run.
+bypass the codebooks. Like the original, the optimizer is renewed (fresh Adam
+moments) once pre-training is over, before step pretrain_steps + 1: the first
+quantised step still uses the pre-training moments. num_streams and the phase
+are traced values, so one compiled step serves the whole run.
 
 Parallelism: a 1-D mesh "data" over all devices (all processes); the global
-batch is sharded along it, params and optimizer state are replicated.
-Checkpoints (orbax, WORKDIR/checkpoints/<step>): items "params", "opt_state",
-"meta" (step, seed, data-iterator state); WORKDIR/esc_config.json makes WORKDIR
-a codec directory for `esc_jax.load`. Retention: the last `ckpt.keep` steps plus
-the best by validation PESQ.
+batch is sharded along it, params and optimizer state are replicated. The
+step is compiled ahead of time for the run's shapes (`build`), so it cannot
+silently recompile. Checkpoints: `esc_jax.checkpoint` (items "params",
+"opt_state", "meta"); WORKDIR/esc_config.json makes WORKDIR a codec directory
+for `esc_jax.load`.
 """
 from __future__ import annotations
 
-import json
-import math
-import os
+import contextlib
+import dataclasses
 import pathlib
 import time
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 from absl import logging
 import flax
@@ -34,18 +34,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from esc_jax import checkpoint as ckpt_lib
+from esc_jax import checkpoint as ckpt
 from esc_jax import data as data_lib
-from esc_jax import losses, metrics as metrics_lib
-from esc_jax.codec import ESC, make_model
+from esc_jax import evaluation
+from esc_jax.api import Codec
+from esc_jax.codec import make_model
+from esc_jax.files import write_json_atomic
+from esc_jax.metric_writer import open_writer
 from esc_jax.objective import codec_loss
 
-BEST_METRIC = "pesq"  # validation metric that selects the "best" checkpoint (higher is better)
-META_ITEM = "meta"
-OPT_ITEM = "opt_state"
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+VAL_METRICS = ("pesq", "mel_distance", "si_sdr")  # validation metrics (plus utilisation)
 
 
 class ConfigError(ValueError):
@@ -56,36 +57,9 @@ class NonFiniteLossError(FloatingPointError):
   """The loss or gradient norm became NaN/inf; nothing of that step was saved."""
 
 
-# --------------------------------------------------------------------------
-# Distributed setup
-# --------------------------------------------------------------------------
-
-
-def maybe_initialize_distributed() -> bool:
-  """`jax.distributed.initialize()` when a multi-process launch is detected.
-
-  Explicit: JAX_COORDINATOR_ADDRESS (host:port) with JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID. Auto-detected by JAX: SLURM (SLURM_NTASKS > 1) and Open MPI
-  (OMPI_COMM_WORLD_SIZE > 1). Call before any other JAX use. Returns whether it ran.
-  """
-  env = os.environ
-  if env.get("JAX_COORDINATOR_ADDRESS"):
-    kw = {}
-    if env.get("JAX_NUM_PROCESSES"):
-      kw["num_processes"] = int(env["JAX_NUM_PROCESSES"])
-    if env.get("JAX_PROCESS_ID"):
-      kw["process_id"] = int(env["JAX_PROCESS_ID"])
-    jax.distributed.initialize(env["JAX_COORDINATOR_ADDRESS"], **kw)
-    return True
-  if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
-    jax.distributed.initialize()
-    return True
-  return False
-
-
-# --------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 # Optimizer and the pure train step
-# --------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
 
 
 def make_schedule(optim, num_steps: int) -> Callable[[jnp.ndarray], jnp.ndarray]:
@@ -107,8 +81,8 @@ def make_schedule(optim, num_steps: int) -> Callable[[jnp.ndarray], jnp.ndarray]
 def make_optimizer(optim) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW with unit learning rate (the step scales by lr(step)).
 
-  The learning rate follows the global step, so re-initialising the optimizer
-  after pre-training resets Adam's moments and bias correction but not the schedule.
+  The learning rate follows the global step, so renewing the optimizer after
+  pre-training resets Adam's moments and bias correction but not the schedule.
   """
   return optax.chain(
       optax.clip_by_global_norm(float(optim.clip_norm)),
@@ -123,11 +97,6 @@ class TrainState:
   opt_state: Any
 
 
-def kbps_per_stream(model: ESC) -> float:
-  frame = model.hop * model.patch_size[1] * model.overlap  # samples per code frame
-  return math.log2(model.codebook_size) * model.group_size * model.sr / frame / 1000
-
-
 def sample_num_streams(key, quant_dropout: float, max_streams: int) -> jnp.ndarray:
   """With probability quant_dropout U{1..max_streams}, else max_streams (int32 scalar)."""
   k_do, k_s = jax.random.split(key)
@@ -135,7 +104,7 @@ def sample_num_streams(key, quant_dropout: float, max_streams: int) -> jnp.ndarr
   return jnp.where(jax.random.bernoulli(k_do, quant_dropout), drawn, jnp.int32(max_streams))
 
 
-def loss_and_grads(model: ESC, params, batch, num_streams, freeze, loss_weights=None):
+def loss_and_grads(model, params, batch, num_streams, freeze, loss_weights=None):
   """Training loss and its gradient: ((loss, terms), grads).
 
   Args:
@@ -150,8 +119,8 @@ def loss_and_grads(model: ESC, params, batch, num_streams, freeze, loss_weights=
   return jax.value_and_grad(fn, has_aux=True)(params)
 
 
-def make_train_step(model: ESC, tx: optax.GradientTransformation, schedule, config):
-  """Pure `step(state, batch) -> (state, metrics)`; jit it once for the whole run."""
+def make_train_step(model, tx: optax.GradientTransformation, schedule, config):
+  """Pure `step(state, batch) -> (state, metrics)`; compile it once for the whole run."""
   base_key = jax.random.PRNGKey(int(config.seed))
   pretrain = int(config.train.pretrain_steps)
   p_drop = float(config.train.quant_dropout)
@@ -164,11 +133,10 @@ def make_train_step(model: ESC, tx: optax.GradientTransformation, schedule, conf
     num_streams = sample_num_streams(jax.random.fold_in(base_key, step), p_drop, max_s)
     num_streams = jnp.where(freeze, jnp.int32(max_s), num_streams)
     (loss, terms), grads = loss_and_grads(model, state.params, batch, num_streams, freeze, weights)
-    # The original re-creates its optimizer when pre-training ends: fresh moments.
     opt_state = state.opt_state
-    if pretrain > 0:
+    if pretrain > 0:  # the original renews its optimizer before step pretrain + 1
       fresh = tx.init(state.params)
-      opt_state = jax.tree.map(lambda f, o: jnp.where(step == pretrain, f, o), fresh, opt_state)
+      opt_state = jax.tree.map(lambda f, o: jnp.where(step == pretrain + 1, f, o), fresh, opt_state)
     updates, opt_state = tx.update(grads, opt_state, state.params)
     lr = schedule(step)
     params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
@@ -179,364 +147,323 @@ def make_train_step(model: ESC, tx: optax.GradientTransformation, schedule, conf
   return step_fn
 
 
-# --------------------------------------------------------------------------
-# Validation (could move into esc_jax/evaluation.py's "evaluate a codec on clips")
-# --------------------------------------------------------------------------
+# ---------------------------------------------------------------------------
+# Building a run: model, optimizer, mesh, compiled step, initial state
+# ---------------------------------------------------------------------------
 
 
-def make_eval_fn(model: ESC, num_streams: int):
-  """jit (params, (B, L) audio) -> dict recon (B, L), codes, mel_distance (B,), si_sdr (B,)."""
-  def fn(params, x):
-    out = model.apply({"params": params}, x, int(num_streams))
-    y = out["recon_audio"]
-    return dict(recon=y, codes=out["codes"], mel_distance=losses.mel_distance(x, y),
-                si_sdr=metrics_lib.si_sdr(x, y))
-  return jax.jit(fn)
+@dataclasses.dataclass(frozen=True)
+class Program:
+  """Everything compiled for one model, recipe, batch shape and mesh (see `build`)."""
+  config: Any
+  model: Any
+  tx: optax.GradientTransformation
+  mesh: Mesh
+  step: Any  # compiled (state, global batch) -> (state, metrics); donates the state
+  init_params: Callable  # jitted key -> params
+  abstract_state: TrainState  # shapes, dtypes and shardings of the state
+  compile_s: float  # seconds spent compiling the step (0 when loaded from the persistent cache)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
 
 
-def validate(eval_fn, params, clips: np.ndarray, batch_size: int, codebook_size: int) -> dict:
-  """Mean PESQ (wb), mel distance, SI-SDR and bitrate utilisation over `clips` (N, L)."""
-  pesq, mel, sdr, codes = [], [], [], []
-  for x, n in data_lib.batches(clips, batch_size):
-    out = jax.device_get(eval_fn(params, x))
-    pesq.append(metrics_lib.pesq_wb(x[:n], out["recon"][:n]))
-    mel.append(out["mel_distance"][:n])
-    sdr.append(out["si_sdr"][:n])
-    codes.append(out["codes"][:n])
-  pesq = np.concatenate(pesq)
-  return dict(pesq=float(np.nanmean(pesq)) if np.any(np.isfinite(pesq)) else float("nan"),
-              mel_distance=float(np.mean(np.concatenate(mel))),
-              si_sdr=float(np.mean(np.concatenate(sdr))),
-              utilization=metrics_lib.bitrate_utilization(np.concatenate(codes), codebook_size))
-
-
-# --------------------------------------------------------------------------
-# Logging
-# --------------------------------------------------------------------------
-
-
-class MetricWriter:
-  """metrics.jsonl + TensorBoard (+ wandb) on process 0; rows past `start_step` are dropped on resume."""
-
-  def __init__(self, workdir: pathlib.Path, config, start_step: int):
-    self.active = jax.process_index() == 0
-    self.path = workdir / "metrics.jsonl"
-    self.tb = self.wandb = None
-    if not self.active:
-      return
-    if self.path.exists():  # a killed run may have logged steps past its last checkpoint
-      keep = [l for l in self.path.read_text().splitlines() if l.strip() and _row_step(l) <= start_step]
-      tmp = self.path.with_suffix(".tmp")
-      tmp.write_text("".join(l + "\n" for l in keep))
-      os.replace(tmp, self.path)
-    if config.log.tensorboard:
-      from tensorboardX import SummaryWriter
-      self.tb = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-    if config.log.wandb:
-      import wandb  # optional dependency, only when asked for
-      self.wandb = wandb.init(project=config.log.get("wandb_project", "esc_jax"), dir=str(workdir),
-                              config=config.to_dict(), resume="allow", id=_wandb_id(workdir))
-
-  def write(self, step: int, scalars: Mapping[str, float], prefix: str = "train"):
-    if not self.active:
-      return
-    row = {"step": int(step), **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
-    if self.tb is not None:
-      for k, v in scalars.items():
-        self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
-    if self.wandb is not None:
-      self.wandb.log(row, step=int(step))
-
-  def close(self):
-    if self.tb is not None:
-      self.tb.close()
-    if self.wandb is not None:
-      self.wandb.finish()
-
-
-def _row_step(line: str) -> int:
-  try:
-    return int(json.loads(line)["step"])
-  except (ValueError, KeyError, TypeError):
-    return 1 << 62
-
-
-def _wandb_id(workdir: pathlib.Path) -> str:
-  f = workdir / "wandb_id.txt"
-  if not f.exists():
-    f.write_text(os.urandom(6).hex())
-  return f.read_text().strip()
-
-
-# --------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------
-
-_COMPILED: dict[str, Any] = {}  # one jitted function per (program, mesh) in this process
-
-
-def _memo(key: str, build: Callable[[], Any]):
-  if key not in _COMPILED:
-    _COMPILED[key] = build()
-  return _COMPILED[key]
-
-
-def _host(tree):
-  """Replicated jax arrays -> numpy (this process's copy)."""
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), tree)
-
-
-def _plain(c) -> Any:
-  return ckpt_lib._plain(c)  # pylint: disable=protected-access
-
-
-class Trainer:
-  """Owns the mesh, the compiled step, the checkpoint manager and the data.
+def build(config, devices=None) -> Program:
+  """Model, optimizer, mesh and the sharded train step compiled for `config`'s shapes.
 
   Args:
-    config: an ml_collections config (see esc_jax.config_lib.base_config).
-    workdir: run directory; an existing run there is resumed.
-    data: optional iterator of (local_batch, clip_samples) arrays replacing the
-      folder pipeline (tests, benchmarks); its position is saved only if it has
-      `get_state` / `set_state`.
+    config: an ml_collections config (esc_jax.config_lib.base_config).
+    devices: mesh devices (default: all devices of all processes).
+  Raises ConfigError for settings that cannot be trained.
   """
+  dtype = COMPUTE_DTYPES.get(config.train.compute_dtype)
+  if dtype is None:
+    raise ConfigError(f"train.compute_dtype {config.train.compute_dtype!r}: expected "
+                      f"{' | '.join(COMPUTE_DTYPES)}")
+  try:
+    model = make_model(config.model, config.model_name, dtype=dtype)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.model: {e}") from None
+  length = int(config.data.clip_samples)
+  if model.valid_length(length) != length:
+    raise ConfigError(f"data.clip_samples {length} is not a valid length for the model; use "
+                      f"{model.largest_valid_length(length)} or {model.valid_length(length)}")
+  mesh = Mesh(np.asarray(jax.devices() if devices is None else devices), ("data",))
+  bs = int(config.train.batch_size)
+  if bs % mesh.size or bs % jax.process_count():
+    raise ConfigError(f"train.batch_size {bs} must be divisible by the {mesh.size} devices "
+                      f"and {jax.process_count()} processes")
+  tx = make_optimizer(config.optim)
+  schedule = make_schedule(config.optim, int(config.train.num_steps))
+  rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
-  def __init__(self, config, workdir, data: Iterator[np.ndarray] | None = None):
-    self.config = config
-    self.workdir = pathlib.Path(workdir).absolute()
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.train.compute_dtype)
-    if dtype is None:
-      raise ConfigError(f"train.compute_dtype {config.train.compute_dtype!r}: expected float32 | bfloat16")
-    self.model = make_model(config.model, config.model_name, dtype=dtype)
-    self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    self.replicated = NamedSharding(self.mesh, P())
-    self.batch_sharding = NamedSharding(self.mesh, P("data"))
-    n_dev, bs = self.mesh.size, int(config.train.batch_size)
-    if bs % n_dev or bs % jax.process_count():
-      raise ConfigError(f"train.batch_size {bs} must be divisible by the {n_dev} devices "
-                       f"and {jax.process_count()} processes")
-    self.tx = make_optimizer(config.optim)
-    self.schedule = make_schedule(config.optim, int(config.train.num_steps))
-    key = json.dumps(dict(model=_plain(config.model), name=config.model_name, loss=_plain(config.loss),
-                          optim=_plain(config.optim), seed=config.seed, dtype=config.train.compute_dtype,
-                          pretrain=config.train.pretrain_steps, qd=config.train.quant_dropout,
-                          steps=config.train.num_steps, mesh=[d.id for d in self.mesh.devices.flat]),
-                     sort_keys=True)
-    self.train_step = _memo("step" + key, lambda: jax.jit(
-        make_train_step(self.model, self.tx, self.schedule, config),
-        in_shardings=(self.replicated, self.batch_sharding),
-        out_shardings=(self.replicated, self.replicated), donate_argnums=0))
-    self._init = _memo("init" + key, lambda: jax.jit(self._init_params))
-    self._data = data
-    self.manager = self._make_manager()
-    self._write_codec_config()
+  def init_params(key):
+    return model.init(key, jnp.zeros((1, length), jnp.float32))["params"]
 
-  # ---- state ----
-  def _init_params(self, key):
-    x = jnp.zeros((1, int(self.config.data.clip_samples)), jnp.float32)
-    return self.model.init(key, x)["params"]
+  init_fn = jax.jit(init_params, out_shardings=rep)
+  params = jax.eval_shape(init_params, jax.random.key(0, impl="unsafe_rbg"))
+  shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
+  batch = jax.ShapeDtypeStruct((bs, length), jnp.float32, sharding=shard)
+  t = time.perf_counter()
+  step = jax.jit(make_train_step(model, tx, schedule, config), in_shardings=(rep, shard),
+                 out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch).compile()
+  return Program(config, model, tx, mesh, step, init_fn, abstract, time.perf_counter() - t)
 
-  def init_state(self) -> TrainState:
-    """Fresh params (from config.seed) and optimizer state, replicated over the mesh."""
+
+def init_state(program: Program, params=None) -> TrainState:
+  """Step 0: fresh params from config.seed (or the given `params`) and a fresh optimizer."""
+  if params is None:
     # The XLA RngBitGenerator compiles ~3x faster than threefry on CPU for the
     # hundreds of initialisers; init values are reproducible per platform.
-    key = jax.random.key(int(self.config.seed), impl="unsafe_rbg")
-    params = self._init(key)
-    state = TrainState(jnp.int32(0), params, self.tx.init(params))
-    return jax.device_put(state, self.replicated)
+    params = program.init_params(jax.random.key(int(program.config.seed), impl="unsafe_rbg"))
+  params = jax.device_put(params, program.replicated)
+  opt_state = jax.jit(program.tx.init, out_shardings=program.replicated)(params)
+  return TrainState(jnp.int32(0), params, opt_state)
 
-  def _abstract_state(self) -> TrainState:
-    params = jax.eval_shape(self._init_params, jax.random.key(0, impl="unsafe_rbg"))
-    shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(self.tx.init, params))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=self.replicated), shapes)
 
-  # ---- checkpoints ----
-  def _make_manager(self) -> ocp.CheckpointManager:
-    pp = ocp.checkpoint_managers
-    policy = pp.AnyPreservationPolicy([
-        pp.LatestN(n=max(1, int(self.config.ckpt.keep))),
-        pp.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=False, n=1,
-                 keep_checkpoints_without_metrics=False)])
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=policy, best_fn=lambda m: m[BEST_METRIC], best_mode="max",
-        enable_async_checkpointing=False, create=True)
-    return ocp.CheckpointManager(self.workdir / ckpt_lib.CKPT_DIR, options=options)
+def global_batch(program: Program, local: np.ndarray) -> jax.Array:
+  """This process's (B/P, L) rows -> the (B, L) batch sharded over the mesh."""
+  local = np.asarray(local, np.float32)
+  shape = (local.shape[0] * jax.process_count(), local.shape[1])
+  return jax.make_array_from_process_local_data(program.batch_sharding, local, shape)
 
-  def _write_codec_config(self):
-    self.workdir.mkdir(parents=True, exist_ok=True)
-    path = self.workdir / ckpt_lib.CONFIG_FILE
-    cfg = {"model_name": self.config.model_name, "model": _plain(self.config.model),
-           "best_metric": {"name": BEST_METRIC, "mode": "max"}}
-    if path.exists():
-      old = ckpt_lib.read_codec_config(self.workdir)
-      if old.get("model") != cfg["model"] or old.get("model_name") != cfg["model_name"]:
-        raise ConfigError(f"{self.workdir} holds a run of a different model ({path}); "
-                         "use another --workdir or the same model config")
-      return
-    if jax.process_index() == 0:
-      ckpt_lib.write_json_atomic(path, cfg)
-      ckpt_lib.write_json_atomic(self.workdir / "config.json", _plain(self.config))
 
-  def save(self, state: TrainState, data_iter=None, val_metrics: Mapping[str, float] | None = None):
-    """Checkpoint `state` at step state.step (params, opt_state, meta)."""
-    step = int(jax.device_get(state.step))
-    meta = dict(step=step, seed=int(self.config.seed), process_count=jax.process_count(),
-                num_workers=int(self.config.data.num_workers),
-                data_state=data_iter.get_state() if hasattr(data_iter, "get_state") else None)
-    ok = val_metrics is not None and math.isfinite(val_metrics.get(BEST_METRIC, float("nan")))
-    self.manager.save(step, args=ocp.args.Composite(**{
-        # Params as host arrays: no device topology in the checkpoint, so
-        # `esc_jax.load` restores them on any machine (a 1-CPU laptop included).
-        ckpt_lib.PARAMS_ITEM: ocp.args.StandardSave(_host(state.params)),
-        OPT_ITEM: ocp.args.StandardSave(state.opt_state),
-        META_ITEM: ocp.args.JsonSave(meta)}),
-        metrics={k: float(v) for k, v in val_metrics.items()} if ok else None, force=True)
-    self.manager.wait_until_finished()
+def host_params(state: TrainState):
+  """Replicated params -> numpy (this process's copy): topology-free, loadable anywhere."""
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a),
+                      state.params)
 
-  def restore(self, data_iter=None) -> TrainState | None:
-    """The latest checkpoint (and the data position), or None for a fresh run."""
-    step = self.manager.latest_step()
-    if step is None:
-      return None
-    target = self._abstract_state()
-    r = self.manager.restore(step, args=ocp.args.Composite(**{
-        ckpt_lib.PARAMS_ITEM: ocp.args.StandardRestore(target.params),
-        OPT_ITEM: ocp.args.StandardRestore(target.opt_state),
-        META_ITEM: ocp.args.JsonRestore()}))
-    meta = r[META_ITEM]
-    if meta.get("seed") != int(self.config.seed):
-      logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"), self.config.seed)
-    if data_iter is not None and hasattr(data_iter, "set_state"):
-      if meta.get("data_state") is None:
-        raise ConfigError(f"checkpoint {step} has no data-iterator state to resume from")
-      if meta.get("num_workers") != int(self.config.data.num_workers):  # the state's layout depends on it
-        raise ConfigError(f"checkpoint {step} was written with data.num_workers={meta.get('num_workers')}; "
-                          f"resume with --config.data.num_workers={meta.get('num_workers')}")
-      data_iter.set_state(meta["data_state"])
-    state = TrainState(jnp.int32(meta["step"]), r[ckpt_lib.PARAMS_ITEM], r[OPT_ITEM])
-    return jax.device_put(state, self.replicated)
 
-  # ---- data ----
-  def data_iterator(self):
-    if self._data is not None:
-      return self._data
-    c = self.config
-    if not c.data.train_dir:
-      raise data_lib.DataError("config.data.train_dir is empty: pass --config.data.train_dir=FOLDER")
-    return data_lib.train_iterator(c.data.train_dir, int(c.data.clip_samples), int(c.train.batch_size),
-                                   int(c.seed), int(c.data.num_workers), sample_rate=int(c.data.sample_rate))
+# ---------------------------------------------------------------------------
+# Checkpoints of a run
+# ---------------------------------------------------------------------------
 
-  def global_batch(self, local: np.ndarray) -> jax.Array:
-    """This process's (B/P, L) rows -> the (B, L) batch sharded over the mesh."""
-    local = np.asarray(local, np.float32)
-    shape = (local.shape[0] * jax.process_count(), local.shape[1])
-    return jax.make_array_from_process_local_data(self.batch_sharding, local, shape)
 
-  # ---- validation ----
-  def evaluate(self, params, clips: np.ndarray) -> dict:
-    c = self.config
-    fn = _memo(f"eval{c.eval.num_streams}" + json.dumps(_plain(c.model), sort_keys=True) + c.train.compute_dtype,
-               lambda: make_eval_fn(self.model, int(c.eval.num_streams)))
-    local = jax.tree.map(lambda a: a.addressable_data(0), params)  # eval runs on one local device
-    return validate(fn, local, clips, int(c.eval.batch_size), self.model.codebook_size)
+def save(mngr, state: TrainState, config, data_iter=None, val_metrics=None) -> None:
+  """Checkpoints `state` (params, opt_state, meta with the data position)."""
+  step = int(jax.device_get(state.step))
+  meta = dict(step=step, seed=int(config.seed), process_count=jax.process_count(),
+              num_workers=int(config.data.num_workers),
+              data_state=data_iter.get_state() if hasattr(data_iter, "get_state") else None)
+  items = {ckpt.PARAMS_ITEM: host_params(state), "opt_state": state.opt_state}
+  ckpt.save_step(mngr, step, items, meta, val_metrics)
 
-  # ---- the loop ----
-  def run(self, until: int | None = None) -> TrainState:
-    """Train (resuming from the workdir) to step `until` (default train.num_steps)."""
-    from tqdm import tqdm
 
-    c = self.config
-    num_steps = int(c.train.num_steps) if until is None else min(int(until), int(c.train.num_steps))
-    self._lock()
-    it = self.data_iterator()
-    state = self.restore(it)
-    if state is None:
-      state = self.init_state()
-      logging.info("new run in %s (%d parameters)", self.workdir,
-                   sum(int(p.size) for p in jax.tree.leaves(state.params)))
-    start = int(jax.device_get(state.step))
-    if start:
-      logging.info("resumed %s at step %d", self.workdir, start)
-    clips = None
-    if c.data.val_dir:
-      clips = data_lib.load_clips(c.data.val_dir, int(c.data.clip_samples), int(c.data.val_max_files),
-                                  int(c.data.sample_rate))[0]
-    writer = MetricWriter(self.workdir, c, start)
-    per_stream = kbps_per_stream(self.model)
-    pbar = tqdm(total=int(c.train.num_steps), initial=start, dynamic_ncols=True,
-                disable=jax.process_index() != 0, desc="train")
-    acc: dict[str, list[float]] = {}
-    busy, n_timed = 0.0, 0  # seconds in data + step (validation, checkpoints, compilation excluded)
-    try:
-      for step in range(start, num_steps):
-        t0 = time.perf_counter()
-        state, m = self.train_step(state, self.global_batch(next(it)))
-        m = jax.device_get(m)
-        if step > start:
-          busy, n_timed = busy + time.perf_counter() - t0, n_timed + 1
-        if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-          last = self.manager.latest_step()
-          raise NonFiniteLossError(
-              f"non-finite loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} at step {step} "
-              f"(num_streams={int(m['num_streams'])}, pretrain={bool(m['pretrain'])}); stopped without "
-              f"saving it. Last good checkpoint: "
-              f"{'step %d in %s' % (last, self.manager.directory) if last is not None else 'none'}")
-        m["kbps"] = 0.0 if m["pretrain"] else float(m["num_streams"]) * per_stream
-        for k, v in m.items():
-          acc.setdefault(k, []).append(float(v))
-        n = step + 1
-        pbar.update(1)
-        if n % int(c.log.every_steps) == 0 or n == num_steps:
-          row = {k: float(np.mean(v)) for k, v in acc.items()}
-          if n_timed:
-            row["steps_per_sec"] = n_timed / max(busy, 1e-9)
-          writer.write(n, row)
-          pbar.set_postfix(loss=f"{row['loss']:.4f}", kbps=f"{row['kbps']:.1f}",
-                           steps_s=f"{row.get('steps_per_sec', float('nan')):.2f}", refresh=False)
-          acc, busy, n_timed = {}, 0.0, 0
-        val = None
-        if (clips is not None and n > int(c.train.pretrain_steps)
-            and (n % int(c.eval.every_steps) == 0 or n == int(c.train.num_steps))):
-          val = self.evaluate(state.params, clips)
-          writer.write(n, val, prefix="val")
-          logging.info("step %d validation at %d streams: %s", n, c.eval.num_streams,
-                       " ".join(f"{k}={v:.4f}" for k, v in val.items()))
-        if n % int(c.ckpt.every_steps) == 0 or n == num_steps or val is not None:
-          self.save(state, it, val)
-    finally:
-      pbar.close()
-      writer.close()
-      if self._data is None and hasattr(it, "close"):
-        it.close()
-    if self.train_step._cache_size() != 1:  # pylint: disable=protected-access
-      logging.error("the train step compiled %d times (expected once)", self.train_step._cache_size())
-    return state
+def restore(mngr, program: Program, config, data_iter=None) -> TrainState | None:
+  """The latest checkpoint of the run (and the data position), or None for a fresh run."""
+  step = mngr.latest_step()
+  if step is None:
+    return None
+  a = program.abstract_state
+  items, meta = ckpt.restore_step(mngr, step, {ckpt.PARAMS_ITEM: a.params, "opt_state": a.opt_state})
+  c = config
+  if meta.get("seed") != int(c.seed):
+    logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"), c.seed)
+  if data_iter is not None and hasattr(data_iter, "set_state"):
+    if meta.get("data_state") is None:
+      raise ConfigError(f"checkpoint {step} has no data-iterator state to resume from")
+    if meta.get("num_workers") != int(c.data.num_workers):  # the state's layout depends on it
+      raise ConfigError(f"checkpoint {step} was written with data.num_workers={meta.get('num_workers')}; "
+                        f"resume with --config.data.num_workers={meta.get('num_workers')}")
+    data_iter.set_state(meta["data_state"])
+  return TrainState(jnp.int32(meta["step"]), items[ckpt.PARAMS_ITEM], items["opt_state"])
 
-  def _lock(self):
-    """One training process per workdir (per process index); released when the process ends."""
-    import fcntl
-    if getattr(self, "_lock_file", None) is not None:
-      return
-    f = open(self.workdir / f".train_lock.{jax.process_index()}", "w")
+
+def init_from(program: Program, directory) -> TrainState:
+  """Step 0 from a codec directory's params (converted release or own run), fresh optimizer."""
+  c = program.config
+  if not pathlib.Path(directory).is_dir():
+    raise ConfigError(f"train.init_from {directory}: no such codec directory")
+  other = ckpt.read_codec_config(directory)
+  try:  # the same model, whatever keywords were spelled out
+    same = make_model(other["model"], other.get("model_name", "csvq+swinT")) == make_model(c.model, c.model_name)
+  except (TypeError, ValueError):
+    same = False
+  if not same:
+    raise ConfigError(f"train.init_from {directory} holds a different model than config.model")
+  params = ckpt.restore_params(directory, program.model)
+  logging.info("initialised from %s", directory)
+  return init_state(program, params)
+
+
+def write_run_config(workdir, config) -> None:
+  """WORKDIR/esc_config.json (a codec directory) and config.json; ConfigError for another model's run."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / ckpt.CONFIG_FILE
+  cfg = ckpt.codec_config(config.model, config.model_name)
+  if path.exists():
+    old = ckpt.read_codec_config(workdir)
+    if old.get("model") != cfg["model"] or old.get("model_name") != cfg["model_name"]:
+      raise ConfigError(f"{workdir} holds a run of a different model ({path}); "
+                        "use another --workdir or the same model config")
+    return
+  if jax.process_index() == 0:
+    write_json_atomic(path, cfg)
+    write_json_atomic(workdir / "config.json", ckpt.plain(config))
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+  """One training process per workdir (per process index)."""
+  import fcntl
+  with open(workdir / f".train_lock.{jax.process_index()}", "w") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-      f.close()
-      raise ConfigError(f"another training process is running in {self.workdir}") from None
-    self._lock_file = f
-
-  def close(self):
-    self.manager.close()
-    if getattr(self, "_lock_file", None) is not None:
-      self._lock_file.close()
-      self._lock_file = None
+      raise ConfigError(f"another training process is running in {workdir}") from None
+    yield
 
 
-def best_step(workdir) -> int | None:
-  """Step of the best checkpoint by validation PESQ (None if no step has metrics)."""
-  opts = ocp.CheckpointManagerOptions(best_fn=lambda m: m[BEST_METRIC], best_mode="max", create=False)
-  with ocp.CheckpointManager(pathlib.Path(workdir).absolute() / ckpt_lib.CKPT_DIR, options=opts) as m:
-    with_metrics = [s for s in m.all_steps() if m.metrics(s)]
-    return m.best_step() if with_metrics else None
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+
+def load_validation_clips(config) -> dict[str, np.ndarray] | None:
+  """Every file of data.val_dir (first channel, 16 kHz, full length; data.val_max_files caps it)."""
+  if not config.data.val_dir:
+    return None
+  try:
+    files = data_lib.find_audio_files(config.data.val_dir)
+  except FileNotFoundError as e:
+    raise data_lib.DataError(f"data.val_dir: {e}") from None
+  cap = int(config.data.val_max_files)
+  files = files[:cap] if cap > 0 else files
+  names, clips, skipped = evaluation.load_clips(files, channel="first")
+  for s in skipped:
+    logging.warning("validation: skipping %s (%s)", s["name"], s["reason"])
+  if not clips:
+    raise data_lib.DataError(f"no readable audio files under {config.data.val_dir}")
+  return dict(zip(names, clips))
+
+
+def validate(program: Program, config, state: TrainState, clips) -> dict[str, float]:
+  """The evaluator (`esc_jax.evaluation`) at eval.num_streams with the original's protocol.
+
+  Each clip without its last hop and cut to a valid length (as the original's
+  validation reads `x[0, :-80]`); returns mean PESQ, mel distance, SI-SDR and
+  the bitrate utilisation. The evaluator's program is compiled once per model
+  and clip shape, so repeated validations do not recompile.
+  """
+  c = config
+  codec = Codec(program.model, host_params(state))
+  r = evaluation.evaluate(codec, clips, num_streams=int(c.eval.num_streams), batch_size=int(c.eval.batch_size),
+                          metrics=VAL_METRICS, fit="crop", progress=False)["bitrates"][0]
+  return {**{m: r["mean"][m] for m in VAL_METRICS}, "utilization": r["utilization_exact"]}
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def _check_finite(m, step: int, mngr) -> None:
+  if np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"]):
+    return
+  last = mngr.latest_step()
+  raise NonFiniteLossError(
+      f"non-finite loss {float(m['loss'])} / grad norm {float(m['grad_norm'])} at step {step} "
+      f"(num_streams={int(m['num_streams'])}, pretrain={bool(m['pretrain'])}); stopped without "
+      f"saving it. Last good checkpoint: "
+      f"{'step %d in %s' % (last, mngr.directory) if last is not None else 'none'}")
+
+
+def _step_key(config) -> dict:
+  """What the compiled step depends on (a `Program` serves any config with the same key)."""
+  key = ckpt.plain({k: config[k] for k in ("seed", "model_name", "model", "loss", "optim", "train")})
+  key["train"].pop("init_from", None)  # read at start-up only
+  return key | {"clip_samples": int(config.data.clip_samples)}
+
+
+def train_and_evaluate(config, workdir, *, program: Program | None = None,
+                       data: Iterator[np.ndarray] | None = None, until: int | None = None) -> TrainState:
+  """Trains (resuming from WORKDIR/checkpoints) to step `until` (default train.num_steps).
+
+  Args:
+    config: the run's config; workdir: its directory (a codec directory too).
+    program: a `build(config)` result to reuse (tests share one compile).
+    data: an iterator of (local_batch, clip_samples) arrays replacing the
+      folder pipeline (tests, benchmarks); its position is saved only if it
+      has `get_state` / `set_state`.
+  Returns the final train state.
+  """
+  from tqdm import tqdm
+
+  c = config
+  workdir = pathlib.Path(workdir).absolute()
+  num_steps = int(c.train.num_steps) if until is None else min(int(until), int(c.train.num_steps))
+  # 1. Model, mesh and the compiled step.
+  if program is None:
+    program = build(c)
+  elif _step_key(program.config) != _step_key(c):
+    raise ConfigError("the given program was built for another model, recipe or batch shape")
+  write_run_config(workdir, c)
+  with workdir_lock(workdir), contextlib.closing(ckpt.train_manager(workdir, int(c.ckpt.keep))) as mngr:
+    # 2. Data.
+    epoch_steps = None
+    if data is None:
+      if not c.data.train_dir:
+        raise data_lib.DataError("config.data.train_dir is empty: pass --config.data.train_dir=FOLDER")
+      files = data_lib.scan_audio_files(c.data.train_dir)
+      logging.info("training data: %d files under %s", len(files), c.data.train_dir)
+      epoch_steps = data_lib.steps_per_epoch(len(files), int(c.train.batch_size))
+      data = data_lib.train_iterator(files, int(c.data.clip_samples), int(c.train.batch_size), int(c.seed),
+                                     int(c.data.num_workers), sample_rate=int(c.data.sample_rate))
+    clips = load_validation_clips(c)
+    val_every = int(c.eval.every_steps) or epoch_steps or int(c.train.num_steps)
+    try:
+      # 3-4. State: the latest checkpoint, else init_from or a fresh init.
+      state = restore(mngr, program, c, data)
+      if state is None:
+        state = init_from(program, c.train.init_from) if c.train.init_from else init_state(program)
+        logging.info("new run in %s (%d parameters)", workdir,
+                     sum(int(p.size) for p in jax.tree.leaves(state.params)))
+      start = int(jax.device_get(state.step))
+      if start:
+        logging.info("resumed %s at step %d", workdir, start)
+      # 5. Loop: step, log, validate, save.
+      writer = open_writer(workdir, c.log, start, jax.process_index() == 0, ckpt.plain(c))
+      pbar = tqdm(total=int(c.train.num_steps), initial=start, dynamic_ncols=True,
+                  disable=jax.process_index() != 0, desc="train")
+      acc: dict[str, list[float]] = {}
+      busy, n_timed = 0.0, 0  # seconds in data + step (validation and checkpoints excluded)
+      try:
+        for step in range(start, num_steps):
+          t0 = time.perf_counter()
+          state, m = program.step(state, global_batch(program, next(data)))
+          m = jax.device_get(m)
+          busy, n_timed = busy + time.perf_counter() - t0, n_timed + 1
+          _check_finite(m, step, mngr)
+          m["kbps"] = 0.0 if m["pretrain"] else float(program.model.kbps(int(m["num_streams"])))
+          for k, v in m.items():
+            acc.setdefault(k, []).append(float(v))
+          n = step + 1
+          pbar.update(1)
+          if n % int(c.log.every_steps) == 0 or n == num_steps:
+            row = {k: float(np.mean(v)) for k, v in acc.items()}
+            row["steps_per_sec"] = n_timed / max(busy, 1e-9)
+            writer.write(n, row)
+            pbar.set_postfix(loss=f"{row['loss']:.4f}", kbps=f"{row['kbps']:.1f}",
+                             steps_s=f"{row['steps_per_sec']:.2f}", refresh=False)
+            acc, busy, n_timed = {}, 0.0, 0
+          val = None
+          if clips and n > int(c.train.pretrain_steps) and (n % val_every == 0 or n == int(c.train.num_steps)):
+            val = validate(program, c, state, clips)
+            writer.write(n, val, prefix="val")
+            logging.info("step %d validation at %d streams: %s", n, c.eval.num_streams,
+                         " ".join(f"{k}={v:.4f}" for k, v in val.items()))
+          if n % int(c.ckpt.every_steps) == 0 or n == num_steps or val is not None:
+            save(mngr, state, c, data, val)
+      finally:
+        pbar.close()
+        writer.close()
+    finally:
+      if hasattr(data, "close") and data is not None:
+        data.close()
+  return state

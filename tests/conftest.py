@@ -56,5 +56,5 @@ def tiny_codec_dir(tmp_path_factory, tiny_config, tiny_state_dict):
   from esc_jax.checkpoint import model_template, save_codec
   from esc_jax.codec import make_model
   from esc_jax.convert import state_dict_to_params
-  params = state_dict_to_params(tiny_state_dict, model_template(make_model(tiny_config)))
+  params = state_dict_to_params(tiny_state_dict, model_template(make_model(tiny_config))["params"])
   return save_codec(tmp_path_factory.mktemp("codec") / "esc_tiny", params, tiny_config)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from esc_jax import audio
-from esc_jax.checkpoint import Codec
+from esc_jax.api import Codec
 from esc_jax.codec import ESC, make_model
 from esc_jax.config_lib import ESC_BASE
 from esc_jax.convert import params_to_state_dict

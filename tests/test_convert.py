@@ -11,27 +11,11 @@ import pytest
 import yaml
 
 import esc_jax
-from esc_jax.convert import ConversionError, convert_checkpoint, state_dict_to_params
-from esc_jax.checkpoint import model_template
-from test_torch_pickle import _call, _dict, _global, _obj, _program, _storage, _tensor, _write_pth
+from esc_jax.convert import convert_checkpoint
+from helpers import call, global_, obj, program, write_pth, write_state_dict_pth
 
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = pathlib.Path(__file__).parent / "fixtures" / "esc_tiny"
-
-
-def write_state_dict_pth(path, state_dict, wrap=True):
-  """A torch-format zip checkpoint of float32/int64 arrays, written without torch."""
-  items, records = {}, {}
-  for i, (name, arr) in enumerate(state_dict.items()):
-    arr = np.ascontiguousarray(arr)
-    kind = {np.dtype(np.float32): "FloatStorage", np.dtype(np.int64): "LongStorage"}[arr.dtype]
-    strides = tuple(s // arr.itemsize for s in arr.strides)
-    items[name] = _tensor(_storage(str(i), arr.size, kind), 0, arr.shape, strides)
-    records[str(i)] = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-  body = _dict(**items)
-  if wrap:
-    body = b"}(" + _obj("model_state_dict") + body + b"u"
-  return _write_pth(pathlib.Path(path), _program(body), records)
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +124,8 @@ def test_wrong_config_and_unreadable_files(tmp_path):
 
 def test_malicious_checkpoint_is_refused_and_existing_output_kept(tmp_path):
   marker = tmp_path / "pwned"
-  evil = _program(_call(_global("os", "system"), _obj(f"touch {marker}")))
-  pth = _write_pth(tmp_path / "evil.pth", evil)
+  evil = program(call(global_("os", "system"), obj(f"touch {marker}")))
+  pth = write_pth(tmp_path / "evil.pth", evil)
   out = tmp_path / "out"
   out.mkdir()
   (out / "keep.txt").write_text("previous result")

@@ -14,7 +14,7 @@ import soundfile as sf
 import soxr
 
 import esc_jax
-from esc_jax import audio, evaluation, metrics
+from esc_jax import audio_io, evaluation, metrics
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "esc_jax" / "assets"
@@ -39,20 +39,20 @@ def test_masked_metrics_equal_exact_length_metrics(golden):
   lengths = [15920, 4001]
   xp, yp = x.copy(), y.copy()
   yp[1, 4001:] = np.random.default_rng(0).normal(size=15920 - 4001)  # garbage past the end
-  mel = jax.jit(evaluation.masked_mel_distance)(xp, yp, lengths)
-  sdr = jax.jit(evaluation.masked_si_sdr)(xp, yp, lengths)
+  mel = jax.jit(metrics.mel_distance)(xp, yp, lengths)
+  sdr = jax.jit(metrics.si_sdr)(xp, yp, lengths)
   for b, n in enumerate(lengths):
     np.testing.assert_allclose(mel[b], jax.jit(metrics.mel_distance)(x[b:b + 1, :n], y[b:b + 1, :n])[0], rtol=RTOL)
     np.testing.assert_allclose(sdr[b], metrics.si_sdr(x[b:b + 1, :n], y[b:b + 1, :n])[0], rtol=RTOL)
 
 
 def test_pipeline_reproduces_original_metrics(codec, golden, tmp_path):
-  """Per-file values through files on disk equal the original's on the fixture."""
+  """Per-file values through files on disk equal the original's on the fixture (whole clips: fit="pad")."""
   paths = []
   for b in range(2):
     paths.append(tmp_path / f"clip{b}.wav")
     sf.write(paths[-1], golden["audio"][b], 16000, subtype="FLOAT")
-  res = evaluation.evaluate(codec, paths, batch_size=2, progress=False)
+  res = evaluation.evaluate(codec, paths, batch_size=2, fit="pad", progress=False)
   assert res["num_files"] == 2 and res["num_skipped"] == 0 and res["shapes"] == [(2, 15920)]
   assert [r["num_streams"] for r in res["bitrates"]] == [1, 2, 3, 4, 5, 6]
   for r in res["bitrates"]:
@@ -70,18 +70,19 @@ def test_pipeline_reproduces_original_metrics(codec, golden, tmp_path):
     assert r["kbps"] == pytest.approx(0.9 * s)  # 64-entry codebooks: 6 bits x 3 groups / 20 ms
   # Arrays in memory give the same numbers (same compiled shape).
   again = evaluation.evaluate(codec, {"a": golden["audio"][0], "b": golden["audio"][1]}, num_streams=[2, 6],
-                              batch_size=2, metrics=("si_sdr",), progress=False)
+                              batch_size=2, metrics=("si_sdr",), fit="pad", progress=False)
   assert [r["per_file"]["si_sdr"] for r in again["bitrates"]] == [
       res["bitrates"][1]["per_file"]["si_sdr"], res["bitrates"][5]["per_file"]["si_sdr"]]
-  # fit="crop" keeps the largest valid prefix (the original's x[:-80] of 3 s clips).
+  # fit="crop" (the default) is the original's protocol: x[:-80] (here exactly the
+  # fixture's input), cut to a valid length.
   longer = np.pad(golden["audio"], ((0, 0), (0, 80)))
-  crop = evaluation.evaluate(codec, list(longer), num_streams=6, batch_size=2, fit="crop",
+  crop = evaluation.evaluate(codec, list(longer), num_streams=6, batch_size=2,
                              metrics=("mel_distance",), progress=False)
-  assert crop["files"][0]["num_samples"] == 15920
+  assert crop["files"][0]["num_samples"] == 15920 and crop["fit"] == "crop"
   assert crop["bitrates"][0]["per_file"]["mel_distance"] == res["bitrates"][5]["per_file"]["mel_distance"]
   # Length buckets: a 15000-sample clip padded to the 15920 bucket beside a clip
   # of that exact valid length, which is unaffected (batch rows are independent).
-  bucket = evaluation.evaluate(codec, [golden["audio"][0], golden["audio"][1, :15000]], batch_size=2,
+  bucket = evaluation.evaluate(codec, [golden["audio"][0], golden["audio"][1, :15000]], batch_size=2, fit="pad",
                                bucket_growth=1.1, metrics=("mel_distance", "si_sdr"), progress=False)
   assert bucket["shapes"] == [(2, 15920)] and bucket["files"][1]["num_samples"] == 15000
   for r, e in zip(bucket["bitrates"], res["bitrates"]):
@@ -92,7 +93,7 @@ def test_pipeline_reproduces_original_metrics(codec, golden, tmp_path):
 
 
 def test_pesq_of_identical_signal_is_maximal():
-  x = audio.load_audio(ASSETS / "speech_0.wav")
+  x = audio_io.load_audio(ASSETS / "speech_0.wav")
   assert metrics.pesq_wb(x, x)[0] == pytest.approx(4.64, abs=0.01)
 
 
@@ -125,7 +126,7 @@ def test_skips_unreadable_and_short_clips(codec, tmp_path):
 
 
 def _write_clips(folder: pathlib.Path):
-  x = audio.load_audio(ASSETS / "speech_0.wav")
+  x = audio_io.load_audio(ASSETS / "speech_0.wav")
   (folder / "b_sub").mkdir(parents=True)
   sf.write(folder / "a.wav", x[:15920], 16000)
   sf.write(folder / "b.flac", x[8000:23700], 16000)
@@ -148,10 +149,12 @@ def test_cli_end_to_end(tiny_codec_dir, tmp_path):
   assert (out / "metrics.png").stat().st_size > 1000
   assert res["num_files"] == 3 and res["num_skipped"] == 1
   assert res["skipped"][0]["name"].endswith("d_corrupt.wav")
+  # The original's protocol: x[:-80] cut to a valid length (15920 - 80 -> 15600 etc.).
   assert {pathlib.Path(f["name"]).name: f["num_samples"] for f in res["files"]} == {
-      "a.wav": 15920, "b.flac": 15700, "c.wav": 15840}
+      "a.wav": 15600, "b.flac": 15600, "c.wav": 15600}
+  assert res["fit"] == "crop" and res["channel"] == "first"
   assert [r["kbps"] for r in res["bitrates"]] == pytest.approx([0.9 * s for s in range(1, 7)])
-  assert res["shapes"] == [[2, 15920]]  # one valid length: one compiled program for all bitrates
+  assert res["shapes"] == [[2, 15600]]  # one valid length: one compiled program for all bitrates
   for r in res["bitrates"]:
     for m in ("pesq", "stoi", "mel_distance", "si_sdr"):
       assert np.isfinite(r["mean"][m]) and np.isfinite(r["std"][m]) and len(r["per_file"][m]) == 3
@@ -189,8 +192,8 @@ def test_cli_errors(cli, tiny_codec_dir, tmp_path, capsys):
   assert cli.main(["--checkpoint", str(mismatch), "--data", str(data)]) == 2
   _one_line_error(capsys)
 
-  assert cli.main(["--checkpoint", str(tiny_codec_dir), "--data", str(data), "--num_streams", "7"]) == 2
-  assert "num_streams" in _one_line_error(capsys)
+  assert cli.main(["--checkpoint", str(tiny_codec_dir), "--data", str(data), "--num_streams", "7"]) == 1
+  assert "num_streams" in _one_line_error(capsys)  # the library's check, reported in one line
   with pytest.raises(SystemExit) as e:
     cli.main(["--checkpoint", str(tiny_codec_dir), "--data", str(data), "--step", "newest"])
   assert e.value.code == 2

@@ -1,4 +1,4 @@
-"""Losses, metrics, mel front end and audio I/O vs. the PyTorch ESC golden fixture."""
+"""Losses, metrics and the mel front end vs. the PyTorch ESC golden fixture."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from esc_jax import audio, losses, metrics  # noqa: E402
+from esc_jax import audio, audio_io, losses, metrics  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "esc_tiny" / "golden.npz"
 ASSETS = Path(audio.__file__).parent / "assets"
@@ -110,7 +110,7 @@ def test_mel_loss_grad_finite_on_silence(golden):
 
 @pytest.fixture(scope="module")
 def speech():
-  return [audio.load_audio(ASSETS / f"speech_{i}.wav") for i in range(2)]
+  return [audio_io.load_audio(ASSETS / f"speech_{i}.wav") for i in range(2)]
 
 
 def test_bundled_assets(speech):
@@ -130,42 +130,3 @@ def test_pesq_stoi(speech):
   with pytest.warns(RuntimeWarning, match="PESQ undefined"):
     silent = metrics.pesq_wb(np.zeros((1, 16000)), np.zeros((1, 16000)))
   assert np.isnan(silent[0])
-
-
-def test_load_audio_resamples_stereo(tmp_path):
-  sr = 44100
-  t = np.arange(sr) / sr
-  stereo = np.stack([np.sin(2 * np.pi * 440 * t), 0.5 * np.sin(2 * np.pi * 440 * t)], axis=1)
-  path = tmp_path / "stereo.wav"
-  sf.write(path, stereo.astype(np.float32), sr, subtype="FLOAT")
-  x = audio.load_audio(path)
-  assert x.dtype == np.float32 and x.shape == (16000,)
-  t16 = np.arange(16000) / 16000
-  np.testing.assert_allclose(x[1000:-1000], 0.75 * np.sin(2 * np.pi * 440 * t16)[1000:-1000], atol=1e-3)
-
-
-def test_load_audio_errors(tmp_path):
-  empty = tmp_path / "empty.wav"
-  sf.write(empty, np.zeros((0,), np.float32), 16000)
-  nan = tmp_path / "nan.wav"
-  sf.write(nan, np.array([0.0, np.nan, 0.1], np.float32), 16000, subtype="FLOAT")
-  garbage = tmp_path / "garbage.wav"
-  garbage.write_bytes(os.urandom(1000))
-  for path in (empty, nan, garbage):
-    with pytest.raises(ValueError, match=path.name):
-      audio.load_audio(path)
-  with pytest.raises(FileNotFoundError):
-    audio.load_audio(tmp_path / "missing.wav")
-
-
-def test_write_audio_round_trip(tmp_path, speech):
-  path = tmp_path / "out.wav"
-  audio.write_audio(path, speech[1], 16000)
-  audio.write_audio(path, speech[1], 16000)  # overwrite in place
-  np.testing.assert_allclose(audio.load_audio(path), speech[1], atol=1 / 32768)
-  assert sorted(p.name for p in tmp_path.iterdir()) == ["out.wav"]  # no temp files left
-  flt = tmp_path / "float.wav"
-  y = np.random.default_rng(1).uniform(-1, 1, 5000).astype(np.float32)
-  audio.write_audio(flt, y, 24000, subtype="FLOAT")
-  assert sf.info(flt).samplerate == 24000
-  np.testing.assert_array_equal(sf.read(flt, dtype="float32")[0], y)

@@ -3,19 +3,18 @@ from __future__ import annotations
 
 import builtins
 import collections
-import io
 import os
 import pathlib
 import pickle
 import re
 import sys
-import zipfile
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers import call, dict_, global_, obj, program, storage, tensor, write_pth
 from esc_jax.torch_pickle import (
   CheckpointNotFoundError,
   CheckpointReadError,
@@ -27,64 +26,6 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "esc_tiny"
 MODEL = FIXTURES / "model.pth"
 MODEL_SEED = FIXTURES / "model_seed.pth"
 NPZ = FIXTURES / "state_dict.npz"
-
-
-# --- helpers: hand-written pickles in the torch zip layout -------------------
-
-def _obj(value) -> bytes:
-  """Pickle opcodes pushing `value` (protocol 2, no PROTO/STOP, no memo)."""
-  buf = io.BytesIO()
-  pickler = pickle.Pickler(buf, protocol=2)
-  pickler.fast = True  # no memo PUTs, so fragments can be concatenated
-  pickler.dump(value)
-  return buf.getvalue()[2:-1]
-
-
-def _global(module: str, name: str) -> bytes:
-  return b"c" + f"{module}\n{name}\n".encode()
-
-
-def _call(fn: bytes, *args: bytes) -> bytes:
-  """`fn(*args)` via MARK ... TUPLE REDUCE."""
-  return fn + b"(" + b"".join(args) + b"tR"
-
-
-def _storage(key: str, numel: int, storage_type: str = "FloatStorage") -> bytes:
-  """BINPERSID of ('storage', torch.<storage_type>, key, 'cpu', numel)."""
-  return (b"(" + _obj("storage") + _global("torch", storage_type) + _obj(key)
-          + _obj("cpu") + _obj(numel) + b"tQ")
-
-
-def _tensor(storage: bytes, offset: int, size: tuple, stride: tuple,
-            fn: str = "_rebuild_tensor_v2") -> bytes:
-  args = [storage, _obj(offset), _obj(size), _obj(stride)]
-  if fn == "_rebuild_tensor_v2":
-    args += [_obj(False), _call(_global("collections", "OrderedDict"))]
-  return _call(_global("torch._utils", fn), *args)
-
-
-def _dict(**items: bytes) -> bytes:
-  """A dict whose values are the given opcode fragments."""
-  body = b"".join(_obj(k) + v for k, v in items.items())
-  return b"}(" + body + b"u"
-
-
-def _program(body: bytes) -> bytes:
-  return b"\x80\x02" + body + b"."
-
-
-def _write_pth(path: pathlib.Path, data_pkl: bytes | None,
-               records: dict[str, bytes] | None = None,
-               root: str = "archive", byteorder: str | None = "little"
-               ) -> pathlib.Path:
-  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
-    if data_pkl is not None:
-      zf.writestr(f"{root}/data.pkl", data_pkl)
-    if byteorder is not None:
-      zf.writestr(f"{root}/byteorder", byteorder)
-    for key, raw in (records or {}).items():
-      zf.writestr(f"{root}/data/{key}", raw)
-  return path
 
 
 # --- fixtures -----------------------------------------------------------------
@@ -162,16 +103,16 @@ def _payloads(marker: pathlib.Path) -> dict[str, bytes]:
   code = f"open({str(marker)!r}, 'w').close()"
   return {
     # Hand-written GLOBAL 'os system' + REDUCE.
-    "os.system": _program(_call(_global("os", "system"), _obj(shell))),
+    "os.system": program(call(global_("os", "system"), obj(shell))),
     # Natural pickles: os.system pickles as posix.system on Linux.
     "builtins.eval": pickle.dumps(_Reduce(builtins.eval, code), protocol=2),
     "posix.system": pickle.dumps(_Reduce(os.system, shell), protocol=2),
     # Protocol 4 uses STACK_GLOBAL.
     "posix.system#4": pickle.dumps(_Reduce(os.system, shell), protocol=4),
     # Hidden after a legitimate tensor inside a state dict.
-    "posix.system#nested": _program(_dict(
-        w=_tensor(_storage("0", 2), 0, (2,), (1,)),
-        x=_call(_global("posix", "system"), _obj(shell)))),
+    "posix.system#nested": program(dict_(
+        w=tensor(storage("0", 2), 0, (2,), (1,)),
+        x=call(global_("posix", "system"), obj(shell)))),
   }
 
 
@@ -184,7 +125,7 @@ def test_malicious_global_is_refused(tmp_path, kind):
     pickle.loads(payload)
     assert marker.exists()
     marker.unlink()
-  path = _write_pth(tmp_path / "model.pth", payload,
+  path = write_pth(tmp_path / "model.pth", payload,
                     {"0": np.zeros(2, "<f4").tobytes()})
   with pytest.raises(UnsafeCheckpointError) as info:
     load_pth(path)
@@ -197,7 +138,7 @@ def test_malicious_global_is_refused(tmp_path, kind):
 
 def test_refused_global_is_not_imported(tmp_path):
   assert "this" not in sys.modules  # precondition: nothing in the suite imports it
-  path = _write_pth(tmp_path / "m.pth", _program(_global("this", "s")))
+  path = write_pth(tmp_path / "m.pth", program(global_("this", "s")))
   with pytest.raises(UnsafeCheckpointError, match="'this.s'"):
     load_pth(path)
   assert "this" not in sys.modules
@@ -205,9 +146,9 @@ def test_refused_global_is_not_imported(tmp_path):
 
 def test_build_cannot_mutate_allowed_callables(tmp_path):
   # BUILD (setattr via slot state) on an allow-listed global must fail cleanly.
-  state = _obj((None, {"fn": None}))  # slot state -> setattr(inst, "fn", None)
-  body = _global("torch._utils", "_rebuild_tensor_v2") + state + b"b"
-  path = _write_pth(tmp_path / "m.pth", _program(body))
+  state = obj((None, {"fn": None}))  # slot state -> setattr(inst, "fn", None)
+  body = global_("torch._utils", "_rebuild_tensor_v2") + state + b"b"
+  path = write_pth(tmp_path / "m.pth", program(body))
   with pytest.raises(CheckpointReadError, match="m.pth"):
     load_pth(path)
   assert np.array_equal(load_pth(MODEL)["model_state_dict"]["ft.window"],
@@ -253,7 +194,7 @@ def test_legacy_format(tmp_path):
 
 
 def test_zip_without_data_pkl(tmp_path):
-  path = _write_pth(tmp_path / "nodata.pth", None, {"0": b"\0" * 8})
+  path = write_pth(tmp_path / "nodata.pth", None, {"0": b"\0" * 8})
   assert "data.pkl" in _assert_read_error(path)
 
 
@@ -271,26 +212,26 @@ def test_directory(tmp_path):
 
 
 def test_missing_storage_record(tmp_path):
-  body = _dict(w=_tensor(_storage("7", 4), 0, (4,), (1,)))
-  path = _write_pth(tmp_path / "norecord.pth", _program(body))
+  body = dict_(w=tensor(storage("7", 4), 0, (4,), (1,)))
+  path = write_pth(tmp_path / "norecord.pth", program(body))
   assert "archive/data/7" in _assert_read_error(path)
 
 
 def test_short_storage_record(tmp_path):
-  body = _dict(w=_tensor(_storage("0", 4), 0, (4,), (1,)))
-  path = _write_pth(tmp_path / "short.pth", _program(body),
+  body = dict_(w=tensor(storage("0", 4), 0, (4,), (1,)))
+  path = write_pth(tmp_path / "short.pth", program(body),
                     {"0": np.zeros(3, "<f4").tobytes()})
   assert "expected 16" in _assert_read_error(path)
 
 
 def test_garbage_data_pkl(tmp_path):
-  path = _write_pth(tmp_path / "garbage.pkl.pth", b"\x80\x02}q\x00(X")
+  path = write_pth(tmp_path / "garbage.pkl.pth", b"\x80\x02}q\x00(X")
   _assert_read_error(path)
 
 
 def test_out_of_bounds_view(tmp_path):
-  body = _dict(w=_tensor(_storage("0", 10), 2, (3, 4), (4, 1)))
-  path = _write_pth(tmp_path / "oob.pth", _program(body),
+  body = dict_(w=tensor(storage("0", 10), 2, (3, 4), (4, 1)))
+  path = write_pth(tmp_path / "oob.pth", program(body),
                     {"0": np.zeros(10, "<f4").tobytes()})
   assert "overruns" in _assert_read_error(path)
 
@@ -299,13 +240,13 @@ def test_out_of_bounds_view(tmp_path):
 
 def test_strided_tensor_with_offset(tmp_path):
   base = np.arange(40, dtype="<f4")
-  body = _dict(
-      t=_tensor(_storage("0", 40), 3, (3, 4), (1, 5)),
-      b=_tensor(_storage("0", 40), 7, (2, 3), (0, 2)),  # broadcast row
-      e=_tensor(_storage("0", 40), 0, (0, 5), (5, 1)),
-      s=_tensor(_storage("0", 40), 11, (), ()),
-      old=_tensor(_storage("0", 40), 1, (2, 2), (10, 3), "_rebuild_tensor"))
-  path = _write_pth(tmp_path / "strided.pth", _program(body),
+  body = dict_(
+      t=tensor(storage("0", 40), 3, (3, 4), (1, 5)),
+      b=tensor(storage("0", 40), 7, (2, 3), (0, 2)),  # broadcast row
+      e=tensor(storage("0", 40), 0, (0, 5), (5, 1)),
+      s=tensor(storage("0", 40), 11, (), ()),
+      old=tensor(storage("0", 40), 1, (2, 2), (10, 3), "_rebuild_tensor"))
+  path = write_pth(tmp_path / "strided.pth", program(body),
                     {"0": base.tobytes()})
   out = load_pth(path)
 
@@ -339,24 +280,24 @@ def test_dtypes_parameters_and_containers(tmp_path):
     "bf16": bf16_raw,
     "dt": np.array([1.5, 2.5], "<f4").tobytes(),
   }
-  param = _call(_global("torch._utils", "_rebuild_parameter"),
-                _tensor(_storage("f64", 3, "DoubleStorage"), 0, (3,), (1,)),
-                _obj(True), _call(_global("collections", "OrderedDict")))
-  param_state = _call(
-      _global("torch._utils", "_rebuild_parameter_with_state"),
-      _tensor(_storage("i8", 2, "CharStorage"), 0, (2,), (1,)),
-      _obj(False), _call(_global("collections", "OrderedDict")), _obj({}))
-  od = _call(_global("collections", "OrderedDict")) + b"(" + b"".join([
-      _obj("u8"), _tensor(_storage("u8", 2, "ByteStorage"), 0, (2,), (1,)),
-      _obj("bool"), _tensor(_storage("bool", 3, "BoolStorage"), 0, (3,), (1,)),
+  param = call(global_("torch._utils", "_rebuild_parameter"),
+                tensor(storage("f64", 3, "DoubleStorage"), 0, (3,), (1,)),
+                obj(True), call(global_("collections", "OrderedDict")))
+  param_state = call(
+      global_("torch._utils", "_rebuild_parameter_with_state"),
+      tensor(storage("i8", 2, "CharStorage"), 0, (2,), (1,)),
+      obj(False), call(global_("collections", "OrderedDict")), obj({}))
+  od = call(global_("collections", "OrderedDict")) + b"(" + b"".join([
+      obj("u8"), tensor(storage("u8", 2, "ByteStorage"), 0, (2,), (1,)),
+      obj("bool"), tensor(storage("bool", 3, "BoolStorage"), 0, (3,), (1,)),
   ]) + b"u"
-  body = _dict(
+  body = dict_(
       param=param, param_state=param_state, od=od,
-      bf16=_tensor(_storage("bf16", 3, "BFloat16Storage"), 0, (3,), (1,)),
+      bf16=tensor(storage("bf16", 3, "BFloat16Storage"), 0, (3,), (1,)),
       # Newer style: the storage type slot carries a dtype object.
-      dt=_tensor(_storage("dt", 2, "float32"), 0, (2,), (1,)),
-      meta=_obj({"step": 3, "names": ["a", "b"], "pair": (1, 2.5)}))
-  out = load_pth(_write_pth(tmp_path / "mix.pth", _program(body), records,
+      dt=tensor(storage("dt", 2, "float32"), 0, (2,), (1,)),
+      meta=obj({"step": 3, "names": ["a", "b"], "pair": (1, 2.5)}))
+  out = load_pth(write_pth(tmp_path / "mix.pth", program(body), records,
                             root="some_other_root"))
   assert out["param"].dtype == np.float64
   assert out["param"].tolist() == [0, 1, 2]
@@ -374,8 +315,8 @@ def test_dtypes_parameters_and_containers(tmp_path):
 
 
 def test_big_endian_byteorder(tmp_path):
-  body = _dict(w=_tensor(_storage("0", 3, "LongStorage"), 0, (3,), (1,)))
-  path = _write_pth(tmp_path / "be.pth", _program(body),
+  body = dict_(w=tensor(storage("0", 3, "LongStorage"), 0, (3,), (1,)))
+  path = write_pth(tmp_path / "be.pth", program(body),
                     {"0": np.array([1, -2, 3], ">i8").tobytes()},
                     byteorder="big")
   w = load_pth(path)["w"]
@@ -385,10 +326,10 @@ def test_big_endian_byteorder(tmp_path):
 
 # --- robustness ---------------------------------------------------------------
 
-_FUZZ_BASE = _program(_dict(
-    a=_tensor(_storage("0", 12), 2, (2, 3), (3, 1)),
-    b=_tensor(_storage("1", 4, "LongStorage"), 0, (4,), (1,)),
-    c=_obj({"epoch": 1, "names": ["x", "y"]})))
+_FUZZ_BASE = program(dict_(
+    a=tensor(storage("0", 12), 2, (2, 3), (3, 1)),
+    b=tensor(storage("1", 4, "LongStorage"), 0, (4,), (1,)),
+    c=obj({"epoch": 1, "names": ["x", "y"]})))
 
 
 @settings(max_examples=150, deadline=None,
@@ -400,7 +341,7 @@ def test_fuzzed_data_pkl_fails_cleanly(tmp_path, edits, cut):
   data = bytearray(_FUZZ_BASE)
   for pos, value in edits:
     data[pos] = value
-  path = _write_pth(tmp_path / "fuzz.pth", bytes(data[:cut or None]),
+  path = write_pth(tmp_path / "fuzz.pth", bytes(data[:cut or None]),
                     {"0": np.arange(12, dtype="<f4").tobytes(),
                      "1": np.arange(4, dtype="<i8").tobytes()})
   try:
@@ -413,10 +354,10 @@ def test_fuzzed_data_pkl_fails_cleanly(tmp_path, edits, cut):
 
 def test_state_dict_ordered_dict_with_metadata(tmp_path):
   # `torch.save(model.state_dict())`: OrderedDict + BUILD of `_metadata`.
-  od = (_call(_global("collections", "OrderedDict")) + b"(" + _obj("w")
-        + _tensor(_storage("0", 2), 0, (2,), (1,)) + b"u"
-        + _obj({"_metadata": {"": {"version": 1}}}) + b"b")
-  out = load_pth(_write_pth(tmp_path / "sd.pth", _program(od),
+  od = (call(global_("collections", "OrderedDict")) + b"(" + obj("w")
+        + tensor(storage("0", 2), 0, (2,), (1,)) + b"u"
+        + obj({"_metadata": {"": {"version": 1}}}) + b"b")
+  out = load_pth(write_pth(tmp_path / "sd.pth", program(od),
                             {"0": np.array([1, 2], "<f4").tobytes()}))
   assert isinstance(out, collections.OrderedDict)
   assert out["w"].tolist() == [1.0, 2.0]

@@ -1,10 +1,12 @@
 """Training (esc_jax.train_lib, train.py): recipe, one compile, resume, devices, checkpoints.
 
-One tiny-model run (workdir "a": steps 0-1, restart, 1-5, restart, 5-30) serves most
-tests; a straight 10-step run and a 2-device train.py run are compared with it.
+One compiled program (`train_lib.build`) serves every in-process run. One tiny-model
+run (workdir "a": steps 0-1, restart, 1-5, restart, 5-30) serves most tests; a
+straight 10-step run and a 2-device train.py run are compared with it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -17,9 +19,11 @@ import numpy as np
 import pytest
 
 import esc_jax
+from esc_jax import checkpoint as ckpt
 from esc_jax import losses, train_lib
 from esc_jax.checkpoint import restore_params
 from esc_jax.codec import make_model
+from helpers import assert_trees_close
 
 ROOT = pathlib.Path(__file__).absolute().parents[1]
 # The test recipe: configs/smoke.py plus these overrides (also passed to train.py).
@@ -49,9 +53,10 @@ def _params(workdir, step):
   return restore_params(workdir, make_model(_config().model), step)
 
 
-def _assert_trees_close(a, b, atol):
-  for (k, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=atol, err_msg=jax.tree_util.keystr(k))
+@pytest.fixture(scope="module")
+def program():
+  """The compiled train step of the test recipe, shared by every in-process run."""
+  return train_lib.build(_config())
 
 
 @pytest.fixture(scope="module")
@@ -73,14 +78,12 @@ def two_device_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_a(two_device_run, tmp_path_factory):
-  """30 steps with two restarts (after steps 1 and 5); returns (workdir, last trainer)."""
+def run_a(two_device_run, program, tmp_path_factory):
+  """30 steps with two restarts (after steps 1 and 5); returns (workdir, program)."""
   wd = tmp_path_factory.mktemp("run_a")
   for until in (1, 5, None):
-    t = train_lib.Trainer(_config(), wd)
-    t.run(until=until)
-    t.close()
-  return wd, t
+    train_lib.train_and_evaluate(_config(), wd, program=program, until=until)
+  return wd, program
 
 
 def test_first_step_matches_fixture(tiny, golden, two_device_run):
@@ -114,16 +117,11 @@ def test_first_step_matches_fixture(tiny, golden, two_device_run):
   np.testing.assert_allclose(full, golden["train_s6_loss"], rtol=1e-4)
   for k in ("mel_loss", "stft_loss", "cm_loss", "cb_loss"):
     np.testing.assert_allclose(np.asarray(terms[k]), golden[f"train_s6_{k}"], rtol=1e-4, err_msg=k)
-  _assert_trees_close_rel(grads, ref, rtol=1e-3, atol=1e-6)
-
-
-def _assert_trees_close_rel(a, b, rtol, atol):
-  for (k, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(k))
+  assert_trees_close(grads, ref, rtol=1e-3, atol=1e-6)
 
 
 def test_loss_falls_both_phases_one_compile(run_a):
-  wd, trainer = run_a
+  wd, program = run_a
   rows = _rows(wd, "train/loss")
   assert sorted(rows) == list(range(1, 31))
   assert all(rows[s]["train/pretrain"] == 1 and rows[s]["train/cb_loss"] == 0 for s in range(1, 6))
@@ -135,42 +133,41 @@ def test_loss_falls_both_phases_one_compile(run_a):
   assert np.mean(recon[-5:]) < np.mean(recon[:5])
   loss = [rows[s]["train/loss"] for s in range(6, 31)]
   assert np.mean(loss[-5:]) < np.mean(loss[:5])
-  # Three Trainer objects, every num_streams, both phases: one compiled step.
-  assert trainer.train_step._cache_size() == 1  # pylint: disable=protected-access
+  # Three runs, every num_streams, both phases: one executable compiled ahead of time
+  # for the run's shapes (a jax.stages.Compiled cannot recompile).
+  assert isinstance(program.step, jax.stages.Compiled)
 
 
-def test_resume_equals_straight_run(run_a, tmp_path):
+def test_resume_equals_straight_run(run_a, program, tmp_path):
   wd, _ = run_a
-  t = train_lib.Trainer(_config(), tmp_path)
-  t.run(until=10)
-  t.close()
-  _assert_trees_close(_params(wd, 10), _params(tmp_path, 10), atol=1e-6)
+  train_lib.train_and_evaluate(_config(), tmp_path, program=program, until=10)
+  assert_trees_close(_params(wd, 10), _params(tmp_path, 10), atol=1e-6)
   a, b = _rows(wd, "train/loss"), _rows(tmp_path, "train/loss")
   assert [a[s]["train/num_streams"] for s in range(1, 11)] == [b[s]["train/num_streams"] for s in range(1, 11)]
   np.testing.assert_allclose([a[s]["train/loss"] for s in range(1, 11)],
                              [b[s]["train/loss"] for s in range(1, 11)], rtol=1e-5)
 
 
-def _opt_state(trainer, workdir, step):
-  import orbax.checkpoint as ocp
-  target = trainer._abstract_state().opt_state  # pylint: disable=protected-access
-  with ocp.CheckpointManager(pathlib.Path(workdir) / "checkpoints") as m:
-    return m.restore(step, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore(target)))["opt_state"]
+def _opt_state(program, workdir, step):
+  with ckpt.train_manager(workdir, keep=100) as m:
+    return ckpt.restore_step(m, step, {"opt_state": program.abstract_state.opt_state})[0]["opt_state"]
 
 
 def _adam(opt_state):
   return next(s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "mu")) if hasattr(s, "mu"))
 
 
-def test_optimizer_reinitialised_once_after_pretraining(run_a):
-  wd, trainer = run_a
-  for step, count in ((5, 5), (10, 5), (30, 25)):
-    assert int(_adam(_opt_state(trainer, wd, step)).count) == count  # restarts at step 5
+def test_optimizer_renewed_like_the_original(run_a):
+  """Pre-training is steps 0-4; step 5 (the first quantised one) still uses the pre-training
+  moments; the optimizer is renewed before step 6, as the original (pbar.n == P + 1)."""
+  wd, program = run_a
+  for step, count in ((5, 5), (10, 4), (30, 24)):
+    assert int(_adam(_opt_state(program, wd, step)).count) == count
 
 
 def test_two_devices_equal_one(run_a, two_device_run):
   """One step of train.py on 2 forced host devices == step 1 of the 1-device run."""
-  wd, trainer = run_a
+  wd, program = run_a
   proc, wd2, log = two_device_run
   proc.wait(timeout=600)
   log.seek(0)
@@ -183,7 +180,7 @@ def test_two_devices_equal_one(run_a, two_device_run):
   # power-law STFT loss has slope 0.3|s|^-0.7 at near-zero reconstructed bins, so float
   # rounding there moves a few gradient entries by up to ~1e-4 between any two XLA
   # programs (without that term 1 vs 2 devices agree to 1e-6 relative); compare directions.
-  mu1, mu2 = _adam(_opt_state(trainer, wd, 1)).mu, _adam(_opt_state(trainer, wd2, 1)).mu
+  mu1, mu2 = _adam(_opt_state(program, wd, 1)).mu, _adam(_opt_state(program, wd2, 1)).mu
   a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mu1)])
   b = np.concatenate([np.ravel(x) for x in jax.tree.leaves(mu2)])
   assert a @ b / np.linalg.norm(a) / np.linalg.norm(b) > 0.9999
@@ -206,33 +203,68 @@ def test_validation_best_checkpoint_and_load(run_a):
     assert 1.0 <= r["val/pesq"] <= 4.7 and 0 < r["val/utilization"] <= 1
     assert np.isfinite(r["val/mel_distance"]) and np.isfinite(r["val/si_sdr"])
   best = max(val, key=lambda s: val[s]["val/pesq"])
-  assert train_lib.best_step(wd) == best
-  _assert_trees_close(esc_jax.load(wd).params, _params(wd, 30), atol=0)  # latest step
-  _assert_trees_close(esc_jax.load(wd, step="best").params, _params(wd, best), atol=0)
+  assert ckpt.best_step(wd) == best
+  assert_trees_close(esc_jax.load(wd).params, _params(wd, 30))  # latest step
+  assert_trees_close(esc_jax.load(wd, step="best").params, _params(wd, best))
   cfg = json.loads((wd / "esc_config.json").read_text())
   assert cfg["model_name"] == "csvq+swinT" and cfg["model"]["codebook_size"] == 64
 
 
-def test_retention_keeps_last_and_best(tmp_path):
+def test_validation_is_the_evaluator_on_whole_files(run_a):
+  """Validation = esc_jax.evaluation with the original's protocol on every val file."""
+  wd, program = run_a
+  c = _config()
+  clips = train_lib.load_validation_clips(c)
+  assert len(clips) == 2 and all(len(x) > 40000 for x in clips.values())  # whole files, not crops
+  val = train_lib.validate(program, c, _state_at(program, wd, 20), clips)
+  row = _rows(wd, "val/pesq")[20]
+  for k, v in val.items():
+    assert row[f"val/{k}"] == pytest.approx(v, rel=1e-6), k
+
+
+def _state_at(program, wd, step):
+  return train_lib.TrainState(jnp.int32(step), _params(wd, step), _opt_state(program, wd, step))
+
+
+def test_retention_keeps_last_and_best(program, tmp_path):
   """keep=2: the last two steps plus the best-PESQ step survive; the rest go."""
-  t = train_lib.Trainer(_config(**{"ckpt.keep": 2}), tmp_path)
-  state = t.init_state()
-  for step, pesq in ((1, None), (2, 3.0), (3, 1.5), (4, None), (5, 2.0)):
-    t.save(state.replace(step=jnp.int32(step)), None, None if pesq is None else {"pesq": pesq})
-  assert t.manager.all_steps() == [2, 4, 5]  # 1 and 3 went
-  t.close()
-  assert train_lib.best_step(tmp_path) == 2
-  restore_params(tmp_path, t.model, step=2)
+  c = _config()
+  state = train_lib.init_state(program)
+  with ckpt.train_manager(tmp_path, keep=2) as mngr:
+    for step, pesq in ((1, None), (2, 3.0), (3, 1.5), (4, None), (5, 2.0)):
+      train_lib.save(mngr, state.replace(step=jnp.int32(step)), c, None, None if pesq is None else {"pesq": pesq})
+    assert mngr.all_steps() == [2, 4, 5]  # 1 and 3 went
+  assert ckpt.best_step(tmp_path) == 2
+  restore_params(tmp_path, program.model, step=2)
 
 
-def test_nan_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_nan_stops_and_keeps_last_good_checkpoint(program, tmp_path):
   good = np.random.default_rng(0).standard_normal((2, 15920)).astype(np.float32) * 0.1
   batches = iter([good] * 6 + [np.full_like(good, np.nan)])
-  t = train_lib.Trainer(_config(**{"data.val_dir": "", "ckpt.every_steps": 5}), tmp_path, data=batches)
+  c = _config(**{"data.val_dir": "", "ckpt.every_steps": 5})
   with pytest.raises(train_lib.NonFiniteLossError, match="non-finite loss nan.* at step 6 .*Last good checkpoint: step 5"):
-    t.run()
-  assert t.manager.all_steps() == [5]
-  t.close()
+    train_lib.train_and_evaluate(c, tmp_path, program=program, data=batches)
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [5]
+
+
+def test_init_from_codec_directory(program, tiny_codec_dir, tiny, tmp_path):
+  """train.init_from: params of a codec directory, a fresh optimizer, step 0 (the original's --pretrain_ckp)."""
+  _, fixture_params = tiny
+  good = np.random.default_rng(1).standard_normal((2, 15920)).astype(np.float32) * 0.1
+  c = _config(**{"train.init_from": str(tiny_codec_dir), "data.val_dir": ""})
+  state = train_lib.train_and_evaluate(c, tmp_path, program=program, data=iter([good]), until=1)
+  assert int(state.step) == 1
+  assert int(_adam(_opt_state(program, tmp_path, 1)).count) == 1  # a fresh optimizer took one step
+  # One AdamW step at lr 1e-3 moves each param by at most ~lr (1 + wd |p|) from the fixture's.
+  d = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+          for a, b in zip(jax.tree.leaves(_params(tmp_path, 1)), jax.tree.leaves(fixture_params)))
+  assert 0 < d <= 1.1e-3
+  bad = _config()
+  bad.model.codebook_size = 32
+  with pytest.raises(train_lib.ConfigError, match="different model"):
+    train_lib.init_from(dataclasses.replace(program, config=bad), tiny_codec_dir)
+  with pytest.raises(train_lib.ConfigError, match="no such codec directory"):
+    train_lib.init_from(program, tmp_path / "missing")
 
 
 def test_quantisation_dropout_distribution():
@@ -265,9 +297,35 @@ def test_schedules_and_optimizer():
 
 def test_config_errors(tmp_path):
   with pytest.raises(train_lib.ConfigError, match="compute_dtype"):
-    train_lib.Trainer(_config(**{"train.compute_dtype": "float16"}), tmp_path)
-  train_lib.Trainer(_config(), tmp_path).close()
+    train_lib.build(_config(**{"train.compute_dtype": "float16"}))
+  with pytest.raises(train_lib.ConfigError, match="clip_samples 16000 is not a valid length.*15920"):
+    train_lib.build(_config(**{"data.clip_samples": 16000}))
+  train_lib.write_run_config(tmp_path, _config())
   c = _config()
   c.model.codebook_size = 32
   with pytest.raises(train_lib.ConfigError, match="different model"):
-    train_lib.Trainer(c, tmp_path)
+    train_lib.write_run_config(tmp_path, c)
+
+
+def test_program_must_match_config(program, tmp_path):
+  with pytest.raises(train_lib.ConfigError, match="built for another"):
+    train_lib.train_and_evaluate(_config(**{"optim.lr": 1e-4}), tmp_path, program=program)
+
+
+def test_wandb_project_and_epoch_validation_interval(tmp_path, monkeypatch):
+  """--config.log.wandb_project=NAME reaches wandb.init; eval.every_steps=0 means once per epoch."""
+  import types
+  from esc_jax import data, metric_writer
+  seen = {}
+  fake = types.SimpleNamespace(init=lambda **kw: seen.update(kw) or types.SimpleNamespace(
+      log=lambda *a, **k: None, finish=lambda: None))
+  monkeypatch.setitem(sys.modules, "wandb", fake)
+  c = _config(**{"log.wandb": True})
+  c.log.wandb_project = "my_project"  # a locked ConfigDict: the key must exist
+  w = metric_writer.open_writer(tmp_path, c.log, 0, True, {})
+  w.write(1, {"loss": 1.0})
+  w.close()
+  assert seen["project"] == "my_project" and (tmp_path / "wandb_id.txt").exists()
+  from esc_jax.config_lib import base_config, ESC_TINY
+  assert base_config(ESC_TINY).eval.every_steps == 0 and base_config(ESC_TINY).data.val_max_files == 0
+  assert data.steps_per_epoch(40, 36) == 1 and data.steps_per_epoch(1000, 36) == 27
