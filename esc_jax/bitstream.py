@@ -934,7 +934,7 @@ def segment_range(header: StreamHeader, start_s: float, duration_s: float | None
 class DecodedStream:
   """All of a stream's codes; frames of corrupt segments are 0 and not `valid`."""
 
-  header: StreamHeader  # totals filled from the trailer (estimated if it was lost)
+  header: StreamHeader  # totals from the trailer (if it was lost: see `read_codes`)
   codes: np.ndarray  # int32 (S, G, T)
   valid: np.ndarray  # bool (T,)
   problems: list[Problem]
@@ -946,7 +946,8 @@ def read_codes(src, *, strict: bool = False, on_problem: Callable[[Problem], Non
   """Reads a whole stream (bytes or binary file) into one array, concealing damage.
 
   Without a trailer (truncated stream) T is the frames of the whole segments
-  read and num_samples = T * frame_samples.
+  read and num_samples is only the estimate T * frame_samples: a model may map
+  T frames to fewer samples (ESC: T * 320 - hop), so recompute it there.
   """
   reader = StreamReader(src, strict=strict, on_problem=on_problem)
   h = reader.header

@@ -876,3 +876,22 @@ def test_v2_thirty_minutes_is_fast():
   np.testing.assert_array_equal(out, codes)
   assert len(data) == bs.stream_size(t, 6) == 37 + 1800 * 1128 + 32
   assert elapsed < 3.0, elapsed
+
+
+def test_crc24_detects_bursts_and_odd_errors():
+  # The documented guarantees: every burst of <= 24 bits and every odd number of bit errors.
+  rng = np.random.default_rng(12)
+  body = rng.integers(0, 256, 375, dtype=np.uint8)
+  ref = bs._segment_crc(5, body.tobytes())
+  bits = np.unpackbits(body)
+  for _ in range(300):
+    e = np.zeros_like(bits)
+    length = int(rng.integers(1, 25))
+    start = int(rng.integers(0, len(bits) - length + 1))
+    e[start] = e[start + length - 1] = 1  # a burst: first and last bit flipped, any between
+    e[start + 1:start + length - 1] = rng.integers(0, 2, max(0, length - 2))
+    assert bs._segment_crc(5, np.packbits(bits ^ e).tobytes()) != ref
+    e = np.zeros_like(bits)
+    e[rng.choice(len(bits), 2 * int(rng.integers(0, 20)) + 1, replace=False)] = 1
+    assert bs._segment_crc(5, np.packbits(bits ^ e).tobytes()) != ref
+  assert bs._segment_crc(6, body.tobytes()) != ref  # the index is covered too
