@@ -71,13 +71,13 @@ def random_params(model, seed: int = 0):
       return (0.02 * rng.standard_normal(t.shape)).astype(np.float32)
     fan_in = int(np.prod(t.shape[:-1])) or 1
     return (rng.standard_normal(t.shape) / np.sqrt(fan_in)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(leaf, model_template(model))
+  return jax.tree_util.tree_map_with_path(leaf, model_template(model)["params"])
 
 
 def make_codec(params_kind: str):
   import jax
   import jax.numpy as jnp
-  from esc_jax.checkpoint import Codec
+  from esc_jax.api import Codec
   from esc_jax.codec import make_model
   from esc_jax.config_lib import ESC_BASE
   model = make_model(ESC_BASE)
@@ -230,14 +230,14 @@ def _child(argv) -> None:
   """Runs in a fresh process: compress or decompress one file, print JSON stats."""
   kind, codec_dir, src, dst, chunk = argv
   import esc_jax
-  from esc_jax import streaming
+  from esc_jax import compress
   t = time.perf_counter()
   codec = esc_jax.load(codec_dir)
   rss_load = _rss_now()
   if kind == "compress":
-    streaming.compress_file(codec, src, dst, codec.max_streams, chunk_frames=int(chunk))
+    compress.compress_file(codec, src, dst, codec.max_streams, chunk_frames=int(chunk))
   else:
-    streaming.decompress_file(codec, src, dst, chunk_frames=int(chunk))
+    compress.decompress_file(codec, src, dst, chunk_frames=int(chunk))
   print(json.dumps(dict(seconds=time.perf_counter() - t, rss_load_mb=rss_load, peak_mb=_rss_now("VmHWM"))))
 
 

@@ -8,7 +8,6 @@ import math
 import os
 import struct
 import threading
-import time
 import zlib
 
 import numpy as np
@@ -211,17 +210,14 @@ def test_fuzz_random_bytes(data):
       pass
 
 
-def test_thirty_minutes_is_fast():
+def test_thirty_minutes_round_trip():  # speed: bench/bench_bitstream.py
   t = 90_000  # 30 min at 20 ms
   codes = _codes(np.random.default_rng(0), 6, 3, t, 10)
-  start = time.perf_counter()
   data = bs.encode_stream(codes, num_samples=t * 320, sample_rate=16000, codebook_size=1024,
                           fingerprint=FP)
   _, out = bs.decode_stream(data)
-  elapsed = time.perf_counter() - start
   np.testing.assert_array_equal(out, codes)
   assert len(data) == bs.HEADER_SIZE + 6 * 3 * t * 10 // 8
-  assert elapsed < 1.0, elapsed
 
 
 def test_write_read_stream(tmp_path):
@@ -777,7 +773,6 @@ def test_v2_malformed_headers():
 
 def _robust_read(data):
   """Non-strict and strict reads: only BitstreamError may escape; returns the non-strict result."""
-  start = time.perf_counter()
   try:
     bs.decode_stream(data)
   except bs.BitstreamError as e:
@@ -787,7 +782,6 @@ def _robust_read(data):
   except bs.BitstreamError as e:
     assert str(e) and "\n" not in str(e)
     d = None
-  assert time.perf_counter() - start < 1.0
   return d
 
 
@@ -866,16 +860,13 @@ def test_fuzz_v2_random_segments(data, cut):
   _robust_read(_V2[:cut] + data)
 
 
-def test_v2_thirty_minutes_is_fast():
+def test_v2_thirty_minutes_round_trip():  # speed: bench/bench_bitstream.py
   t = 90_000  # 30 min at 20 ms
   codes = _codes(np.random.default_rng(0), 6, 3, t, 10)
-  start = time.perf_counter()
   data = _v2(codes)
   _, out = bs.decode_stream(data)
-  elapsed = time.perf_counter() - start
   np.testing.assert_array_equal(out, codes)
   assert len(data) == bs.stream_size(t, 6) == 37 + 1800 * 1128 + 32
-  assert elapsed < 3.0, elapsed
 
 
 def test_crc24_detects_bursts_and_odd_errors():
