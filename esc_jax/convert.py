@@ -77,18 +77,27 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
   Returns: a new params tree of float32 numpy arrays.
   Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key.
   """
+  return _map_strict(state_dict, template, _convert_leaf, skip=is_derived, rename=canonical_key)
+
+
+def _map_strict(state_dict, template, convert_leaf, skip=lambda key: False, rename=lambda key: key,
+                torch_name=None) -> dict:
+  """The strict mapping loop: every template leaf filled exactly once with its shape.
+
+  `convert_leaf(key, leaf, module, value)` returns (Flax leaf name, array in Flax layout).
+  """
+  torch_name = torch_name or _torch_name
   flat_template = _flatten(template)
   filled: dict[tuple[str, ...], np.ndarray] = {}
   source: dict[tuple[str, ...], str] = {}
   for key, value in state_dict.items():
-    if is_derived(key):
+    if skip(key):
       continue
-    ckey = canonical_key(key)
-    path = flax_path(ckey)
+    path = flax_path(rename(key))
     module = _subtree(template, path[:-1])
     if module is None:
       raise ConversionError(f"unexpected key {key!r}: the model has no module {'/'.join(path[:-1])}")
-    leaf, arr = _convert_leaf(key, path[-1], module, np.asarray(value))
+    leaf, arr = convert_leaf(key, path[-1], module, np.asarray(value))
     full = path[:-1] + (leaf,)
     if full not in flat_template:
       raise ConversionError(f"unexpected key {key!r}: the model has no parameter {'/'.join(full)}")
@@ -102,7 +111,7 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
     source[full] = key
   missing = [p for p in flat_template if p not in filled]
   if missing:
-    raise ConversionError(f"missing key(s) in checkpoint: {', '.join(_torch_name(p) for p in missing[:5])}"
+    raise ConversionError(f"missing key(s) in checkpoint: {', '.join(torch_name(p) for p in missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
   return _unflatten(filled)
 
@@ -131,6 +140,65 @@ def _torch_name(path: tuple[str, ...]) -> str:
   leaf = path[-1]
   parts.append({"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf))
   return ".".join(parts)
+
+
+# ---- the adversarial discriminator (esc_jax.discriminator) ----
+# Every `weight_norm` conv of the original has `weight_g` (out, 1, 1, 1),
+# `weight_v` (out, in, kh, kw) and `bias` (out,); the Flax params keep the names
+# with 4-D arrays in HWIO layout (transpose (2, 3, 1, 0)), bias unchanged.
+
+def _convert_disc_leaf(key, leaf, module, value):
+  if leaf in ("weight_g", "weight_v"):
+    if value.ndim != 4:
+      raise ConversionError(f"{key}: expected a 4-D conv tensor, got shape {value.shape}")
+    return leaf, value.transpose(2, 3, 1, 0)
+  if leaf == "bias":
+    return leaf, value
+  raise ConversionError(f"unexpected key {key!r}: discriminator convs have weight_g, weight_v, bias")
+
+
+# `torch.nn.utils.parametrizations.weight_norm` (newer PyTorch) names g and v this way.
+_DISC_ALIASES = ((re.compile(r"\.parametrizations\.weight\.original0$"), ".weight_g"),
+                 (re.compile(r"\.parametrizations\.weight\.original1$"), ".weight_v"))
+
+
+def _disc_canonical_key(key: str) -> str:
+  for pat, rep in _DISC_ALIASES:
+    key = pat.sub(rep, key)
+  return key
+
+
+def discriminator_torch_name(path: tuple[str, ...]) -> str:
+  """('discriminators_5', 'band_convs_2_4_0', 'weight_v') -> 'discriminators.5.band_convs.2.4.0.weight_v'."""
+  parts = []
+  for p in path:
+    m = re.fullmatch(r"(.*?)((?:_\d+)+)", p)
+    parts.extend([m.group(1), *m.group(2)[1:].split("_")] if m else [p])
+  return ".".join(parts)
+
+
+def discriminator_state_dict_to_params(state_dict: Mapping[str, np.ndarray],
+                                       template: Mapping[str, Any]) -> dict:
+  """Map the original's discriminator state dict (`model_disc_state_dict`) onto Flax params.
+
+  Args:
+    state_dict: torch name (`discriminators.{i}.convs.{j}.0.weight_v`, ...; the
+      `parametrizations.weight.original0/1` names of newer PyTorch also work) -> array.
+    template: the `Discriminator`'s params (structure and shapes only).
+  Returns: a new params tree of float32 numpy arrays.
+  Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key.
+  """
+  return _map_strict(state_dict, template, _convert_disc_leaf, rename=_disc_canonical_key,
+                     torch_name=discriminator_torch_name)
+
+
+def discriminator_params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Inverse of `discriminator_state_dict_to_params` (torch names and layouts)."""
+  out = {}
+  for path, value in _flatten(params).items():
+    value = np.asarray(value)
+    out[discriminator_torch_name(path)] = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value
+  return out
 
 
 def _subtree(tree, path):

@@ -1,10 +1,13 @@
-"""Training losses of ESC (esc/modules/loss/generator_loss.py).
+"""Training losses of ESC (esc/modules/loss/generator_loss.py, gan_loss.py).
 
 All functions are batched, jit-able and differentiable; each returns a
 per-item loss of shape (B,).
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import jax
 import jax.numpy as jnp
 
 from esc_jax.audio import SAMPLE_RATE, mel_spectrogram
@@ -55,3 +58,54 @@ def stft_loss(raw_feat: jnp.ndarray, recon_feat: jnp.ndarray, power: float = POW
   """
   d = power_law(raw_feat, power) - power_law(recon_feat, power)
   return jnp.mean(jnp.square(d), axis=tuple(range(1, d.ndim)))
+
+
+# ---- adversarial losses (esc/modules/loss/gan_loss.py, least-squares GAN) ----
+# `d_fake`, `d_real` are a discriminator's outputs: per sub-discriminator the list of
+# feature maps (B, ...), the last being the logits (esc_jax.discriminator).
+
+def _item_mean(x: jnp.ndarray) -> jnp.ndarray:
+  """Mean over all non-batch axes, in float32: (B, ...) -> (B,)."""
+  return jnp.mean(x.astype(jnp.float32), axis=tuple(range(1, x.ndim)))
+
+
+def discriminator_adv_loss(d_fake: Sequence[Sequence[jnp.ndarray]],
+                           d_real: Sequence[Sequence[jnp.ndarray]]) -> jnp.ndarray:
+  """LSGAN discriminator loss (GANLoss.discriminator_loss).
+
+  The original runs the discriminator on detached fake audio: pass
+  D(stop_gradient(fake)) when differentiating a joint function.
+  Returns:
+    (B,) sum over sub-discriminators of mean(D(fake)^2) + mean((1 - D(real))^2).
+  """
+  loss = 0.0
+  for f, r in zip(d_fake, d_real, strict=True):
+    loss = loss + _item_mean(jnp.square(f[-1])) + _item_mean(jnp.square(1.0 - r[-1]))
+  return loss
+
+
+def generator_adv_loss(d_fake: Sequence[Sequence[jnp.ndarray]]) -> jnp.ndarray:
+  """LSGAN generator loss (GANLoss.generator_loss, first output).
+
+  Returns: (B,) sum over sub-discriminators of mean((1 - D(fake))^2).
+  """
+  loss = 0.0
+  for f in d_fake:
+    loss = loss + _item_mean(jnp.square(1.0 - f[-1]))
+  return loss
+
+
+def feature_matching_loss(d_fake: Sequence[Sequence[jnp.ndarray]],
+                          d_real: Sequence[Sequence[jnp.ndarray]]) -> jnp.ndarray:
+  """L1 feature matching (GANLoss.generator_loss, second output); real maps are detached.
+
+  Returns: (B,) sum over sub-discriminators and their feature maps except the
+  logits of mean|f_fake - f_real|.
+  """
+  loss = 0.0
+  for f, r in zip(d_fake, d_real, strict=True):
+    if len(f) != len(r):
+      raise ValueError(f"feature map counts differ: {len(f)} vs {len(r)}")
+    for a, b in zip(f[:-1], r[:-1]):
+      loss = loss + _item_mean(jnp.abs(a.astype(jnp.float32) - jax.lax.stop_gradient(b).astype(jnp.float32)))
+  return loss
