@@ -2,7 +2,8 @@
 
 `base_config(model)` returns every section with the original recipe's values
 (SPEC: AdamW 1e-4, clip 0.5, quantisation dropout 0.75, first 15 of 80 epochs
-pre-training, batch 36 of 3 s clips); config files only set what differs.
+pre-training, batch 36 of 3 s clips); `add_adversarial(c)` turns it into the
+ESC-Base(adv) recipe; config files only set what differs.
 """
 from __future__ import annotations
 
@@ -21,6 +22,12 @@ ESC_BASE = dict(  # configs/9kbps_esc_base.yaml of the original
 ESC_TINY = dict(  # the golden fixture's model (tests/fixtures/esc_tiny/config.json)
     ESC_BASE, h_dims=[8, 8, 12, 12, 16, 20], swin_heads=[1, 2, 2, 2, 2], mlp_ratio=2.0,
     codebook_size=64, codebook_dims=[4, 4, 3, 3, 2, 2])
+
+
+DISCRIMINATOR = dict(  # the `discriminator:` section of 9kbps_esc_base_adv.yaml (DAC's, without MSD)
+    periods=[2, 3, 5, 7, 11], fft_sizes=[2048, 1024, 512],
+    bands=[[0.0, 0.1], [0.1, 0.25], [0.25, 0.5], [0.5, 0.75], [0.75, 1.0]],
+    mpd_channels=[32, 128, 512, 1024, 1024], mrd_channels=32)  # widths of the original (42.5M params)
 
 
 def base_config(model: dict) -> ml_collections.ConfigDict:
@@ -72,4 +79,23 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   c.log.tensorboard = True
   c.log.wandb = False  # needs `pip install esc-jax[wandb]`
   c.log.wandb_project = "esc_jax"
+  return c
+
+
+def add_adversarial(c: ml_collections.ConfigDict, discriminator: dict = DISCRIMINATOR) -> ml_collections.ConfigDict:
+  """The ESC-Base(adv) recipe (9kbps_esc_base_adv.yaml + scripts/trainer_adv.py) on top of `c`.
+
+  Loss weights mel 15, complex STFT 0, commitment .25, codebook 1, generator 1,
+  feature matching 2; generator clip 1e3; the discriminator's AdamW at the
+  generator's learning rate with clip 10. The adversarial terms and the
+  discriminator start after pre-training.
+  """
+  c.discriminator = ml_collections.ConfigDict(dict(discriminator))
+  c.disc_optim = ml_collections.ConfigDict(c.optim.to_dict())
+  c.disc_optim.schedule = "constant"  # the original's discriminator optimizer has no scheduler
+  c.disc_optim.warmup_steps = 0
+  c.disc_optim.clip_norm = 10.0
+  c.optim.clip_norm = 1e3
+  c.loss = ml_collections.ConfigDict(dict(cm_weight=0.25, cb_weight=1.0, mel_weight=15.0, stft_weight=0.0,
+                                          gen_weight=1.0, feat_weight=2.0))
   return c

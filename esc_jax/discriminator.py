@@ -27,6 +27,8 @@ from esc_jax.layers.common import torch_bias_init, torch_kernel_init
 # Fractions of the one-sided spectrum (W//2 + 1 bins) that the MRD bands cover.
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
 LEAKY_SLOPE = 0.1
+MPD_CHANNELS = (32, 128, 512, 1024, 1024)  # the five convs of a period discriminator
+MRD_CHANNELS = 32  # every conv of a multi-band STFT discriminator
 
 
 def stft_match_stride(x: jnp.ndarray, window_length: int, hop_length: int) -> jnp.ndarray:
@@ -110,6 +112,7 @@ class MPD(nn.Module):
   period when L is already a multiple, as in the original).
   """
   period: int
+  channels: Sequence[int] = MPD_CHANNELS
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -118,14 +121,14 @@ class MPD(nn.Module):
     p = self.period
     x = jnp.pad(x, ((0, 0), (0, p - x.shape[-1] % p)), mode="reflect")
     x = x.reshape(x.shape[0], -1, p, 1)
-    chans = (1, 32, 128, 512, 1024, 1024)
+    chans = (1, *self.channels)
     fmaps = []
     for i in range(5):
       stride = (3, 1) if i < 4 else (1, 1)
       x = WNConv2d(chans[i + 1], chans[i], (5, 1), stride, (2, 0), dtype=self.dtype,
                    name=f"convs_{i}_0")(x)
       fmaps.append(x)
-    fmaps.append(WNConv2d(1, 1024, (3, 1), (1, 1), (1, 0), act=False, dtype=self.dtype,
+    fmaps.append(WNConv2d(1, chans[-1], (3, 1), (1, 1), (1, 0), act=False, dtype=self.dtype,
                           name="conv_post")(x))
     return fmaps
 
@@ -140,7 +143,7 @@ class MRD(nn.Module):
   window_length: int
   hop_factor: float = 0.25
   bands: Sequence[Sequence[float]] = BANDS
-  channels: int = 32
+  channels: int = MRD_CHANNELS
   dtype: Any = jnp.float32
 
   def band_edges(self) -> list[tuple[int, int]]:
@@ -173,11 +176,14 @@ class Discriminator(nn.Module):
   """MPDs at `periods` then MRDs at `fft_sizes` (`discriminators_0..`), on preprocessed audio.
 
   `dtype` is the compute dtype of the convolutions (bf16 opt-in); params, the
-  preprocessing and the STFT stay float32.
+  preprocessing and the STFT stay float32. `mpd_channels` / `mrd_channels`
+  default to the original's widths; narrower ones make fast smoke tests.
   """
   periods: Sequence[int] = (2, 3, 5, 7, 11)
   fft_sizes: Sequence[int] = (2048, 1024, 512)
   bands: Sequence[Sequence[float]] = BANDS
+  mpd_channels: Sequence[int] = MPD_CHANNELS
+  mrd_channels: int = MRD_CHANNELS
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -188,10 +194,11 @@ class Discriminator(nn.Module):
         raise ValueError(f"expected mono audio (B, 1, L), got {x.shape}")
       x = x[:, 0]
     x = preprocess(jnp.asarray(x, jnp.float32))
-    outs = [MPD(p, dtype=self.dtype, name=f"discriminators_{i}")(x)
+    outs = [MPD(p, tuple(self.mpd_channels), dtype=self.dtype, name=f"discriminators_{i}")(x)
             for i, p in enumerate(self.periods)]
     n = len(self.periods)
-    outs += [MRD(w, bands=tuple(map(tuple, self.bands)), dtype=self.dtype, name=f"discriminators_{n + j}")(x)
+    outs += [MRD(w, bands=tuple(map(tuple, self.bands)), channels=self.mrd_channels, dtype=self.dtype,
+                 name=f"discriminators_{n + j}")(x)
              for j, w in enumerate(self.fft_sizes)]
     return outs
 
@@ -199,15 +206,17 @@ class Discriminator(nn.Module):
 def make_discriminator(config: Mapping[str, Any] | None = None, dtype=jnp.float32) -> Discriminator:
   """A `Discriminator` from the original's `discriminator:` config section.
 
-  Keys: periods, fft_sizes, bands, rates (must be empty: MSD is not ported) and
-  sample_rate (only the MSD uses it). Defaults are ESC-Base(adv)'s.
+  Keys: periods, fft_sizes, bands, rates (must be empty: MSD is not ported),
+  sample_rate (only the MSD uses it), and this port's mpd_channels /
+  mrd_channels. Defaults are ESC-Base(adv)'s.
   """
   cfg = dict(config or {})
   if cfg.pop("rates", None):
     raise ValueError("multi-scale discriminators (rates) are not supported; ESC uses rates: []")
   cfg.pop("sample_rate", None)
-  unknown = set(cfg) - {"periods", "fft_sizes", "bands"}
+  unknown = set(cfg) - {"periods", "fft_sizes", "bands", "mpd_channels", "mrd_channels"}
   if unknown:
     raise ValueError(f"unknown discriminator config keys: {sorted(unknown)}")
-  kw = {k: tuple(tuple(b) for b in v) if k == "bands" else tuple(v) for k, v in cfg.items()}
+  kw = {k: tuple(tuple(b) for b in v) if k == "bands" else v if k == "mrd_channels" else tuple(v)
+        for k, v in cfg.items()}
   return Discriminator(**kw, dtype=dtype)

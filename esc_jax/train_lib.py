@@ -13,6 +13,13 @@ moments) once pre-training is over, before step pretrain_steps + 1: the first
 quantised step still uses the pre-training moments. num_streams and the phase
 are traced values, so one compiled step serves the whole run.
 
+Adversarial recipe (ESC-Base(adv), a config with a `discriminator` section):
+after pre-training the generator loss adds the least-squares GAN and feature-
+matching terms of the DAC discriminator (`objective.generator_adv_terms`),
+then the discriminator takes its own step (AdamW `disc_optim`, its own clip)
+on the same step's reconstruction, detached; during pre-training neither runs
+(`lax.cond` on the traced phase, so one program still serves both phases).
+
 Parallelism: a 1-D mesh "data" over all devices (all processes); the global
 batch is sharded along it, params and optimizer state are replicated. The
 step is compiled ahead of time for the run's shapes (`build`), so it cannot
@@ -42,8 +49,9 @@ from esc_jax import evaluation
 from esc_jax.api import Codec
 from esc_jax.codec import make_model
 from esc_jax.files import write_json_atomic
+from esc_jax.discriminator import make_discriminator
 from esc_jax.metric_writer import open_writer
-from esc_jax.objective import codec_loss
+from esc_jax.objective import DEFAULT_WEIGHTS, codec_loss, discriminator_loss, generator_adv_terms
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 VAL_METRICS = ("pesq", "mel_distance", "si_sdr")  # validation metrics (plus utilisation)
@@ -95,6 +103,8 @@ class TrainState:
   step: jnp.ndarray  # int32 scalar: steps completed
   params: Any
   opt_state: Any
+  disc_params: Any = None  # the discriminator of the adversarial recipe (None otherwise)
+  disc_opt_state: Any = None
 
 
 def sample_num_streams(key, quant_dropout: float, max_streams: int) -> jnp.ndarray:
@@ -104,45 +114,81 @@ def sample_num_streams(key, quant_dropout: float, max_streams: int) -> jnp.ndarr
   return jnp.where(jax.random.bernoulli(k_do, quant_dropout), drawn, jnp.int32(max_streams))
 
 
-def loss_and_grads(model, params, batch, num_streams, freeze, loss_weights=None):
-  """Training loss and its gradient: ((loss, terms), grads).
+def loss_and_grads(model, params, batch, num_streams, freeze, loss_weights=None, disc=None, disc_params=None):
+  """Generator loss and its gradient: ((loss, (terms, recon)), grads).
 
   Args:
     batch: (B, L) float32 audio of a valid length.
     num_streams: int32 scalar (traced); freeze: bool scalar (traced pre-training flag).
-    loss_weights: cm/cb/mel/stft weights (config.loss).
-  Returns: scalar loss, dict of per-item terms (B,), grads shaped like params.
+    loss_weights: the `loss` weights (config.loss).
+    disc, disc_params: the discriminator of the adversarial recipe, or None.
+  Returns: scalar loss, (dict of per-item terms (B,), reconstruction (B, L)),
+    grads shaped like params.
   """
+  w = dict(DEFAULT_WEIGHTS, **(loss_weights or {}))
+
   def fn(p):
     out = model.apply({"params": p}, batch, num_streams, train=True, freeze_codebook=freeze)
-    return codec_loss(out, batch, loss_weights)
+    loss, terms = codec_loss(out, batch, w)
+    recon = out["recon_audio"]
+    if disc is not None:  # adversarial terms after pre-training only
+      zeros = jnp.zeros(batch.shape[:1], jnp.float32)
+      adv = jax.lax.cond(freeze, lambda: dict(gen_loss=zeros, feat_loss=zeros),
+                         lambda: generator_adv_terms(disc, disc_params, batch, recon))
+      loss = loss + jnp.mean(w["gen_weight"] * adv["gen_loss"] + w["feat_weight"] * adv["feat_loss"])
+      terms = {**terms, **adv}
+    return loss, (terms, recon)
   return jax.value_and_grad(fn, has_aux=True)(params)
 
 
-def make_train_step(model, tx: optax.GradientTransformation, schedule, config):
-  """Pure `step(state, batch) -> (state, metrics)`; compile it once for the whole run."""
+def _apply(tx, schedule, step, grads, opt_state, params):
+  """One optimizer update at learning rate schedule(step): (params, opt_state)."""
+  updates, opt_state = tx.update(grads, opt_state, params)
+  lr = schedule(step)
+  return optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates)), opt_state
+
+
+def make_train_step(model, tx: optax.GradientTransformation, schedule, config, disc=None,
+                    disc_tx: optax.GradientTransformation | None = None, disc_schedule=None):
+  """Pure `step(state, batch) -> (state, metrics)`; compile it once for the whole run.
+
+  With `disc` (adversarial recipe) the step also updates the discriminator
+  after pre-training: D(stop_gradient(reconstruction)) against D(batch).
+  """
   base_key = jax.random.PRNGKey(int(config.seed))
   pretrain = int(config.train.pretrain_steps)
   p_drop = float(config.train.quant_dropout)
   weights = dict(config.loss)
   max_s = model.max_streams
 
+  def disc_step(state, batch, recon, freeze):
+    def update():
+      loss, grads = jax.value_and_grad(lambda dp: discriminator_loss(disc, dp, batch, recon))(state.disc_params)
+      params, opt_state = _apply(disc_tx, disc_schedule, state.step, grads, state.disc_opt_state,
+                                 state.disc_params)
+      return params, opt_state, loss, optax.tree.norm(grads)
+    skip = lambda: (state.disc_params, state.disc_opt_state, jnp.float32(0), jnp.float32(0))
+    return jax.lax.cond(freeze, skip, update)
+
   def step_fn(state: TrainState, batch):
     step = state.step
     freeze = step < pretrain
     num_streams = sample_num_streams(jax.random.fold_in(base_key, step), p_drop, max_s)
     num_streams = jnp.where(freeze, jnp.int32(max_s), num_streams)
-    (loss, terms), grads = loss_and_grads(model, state.params, batch, num_streams, freeze, weights)
+    (loss, (terms, recon)), grads = loss_and_grads(model, state.params, batch, num_streams, freeze, weights,
+                                                   disc, state.disc_params)
     opt_state = state.opt_state
     if pretrain > 0:  # the original renews its optimizer before step pretrain + 1
       fresh = tx.init(state.params)
       opt_state = jax.tree.map(lambda f, o: jnp.where(step == pretrain + 1, f, o), fresh, opt_state)
-    updates, opt_state = tx.update(grads, opt_state, state.params)
-    lr = schedule(step)
-    params = optax.apply_updates(state.params, jax.tree.map(lambda u: lr * u, updates))
-    out = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=lr, num_streams=num_streams,
+    params, opt_state = _apply(tx, schedule, step, grads, opt_state, state.params)
+    out = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(step), num_streams=num_streams,
                pretrain=freeze.astype(jnp.int32), **{k: jnp.mean(v) for k, v in terms.items()})
-    return TrainState(step + 1, params, opt_state), out
+    new = TrainState(step + 1, params, opt_state)
+    if disc is not None:
+      d_params, d_opt, out["disc_loss"], out["disc_grad_norm"] = disc_step(state, batch, recon, freeze)
+      new = new.replace(disc_params=d_params, disc_opt_state=d_opt)
+    return new, out
 
   return step_fn
 
@@ -162,7 +208,14 @@ class Program:
   step: Any  # compiled (state, global batch) -> (state, metrics); donates the state
   init_params: Callable  # jitted key -> params
   abstract_state: TrainState  # shapes, dtypes and shardings of the state
-  compile_s: float  # seconds spent compiling the step (0 when loaded from the persistent cache)
+  compile_s: float  # seconds spent compiling the step (little when loaded from the persistent cache)
+  disc: Any = None  # the discriminator (adversarial recipe) or None
+  disc_tx: optax.GradientTransformation | None = None
+  init_disc_params: Callable | None = None  # jitted key -> discriminator params
+
+  @property
+  def adversarial(self) -> bool:
+    return self.disc is not None
 
   @property
   def replicated(self) -> NamedSharding:
@@ -201,30 +254,50 @@ def build(config, devices=None) -> Program:
   tx = make_optimizer(config.optim)
   schedule = make_schedule(config.optim, int(config.train.num_steps))
   rep, shard = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  x0 = jnp.zeros((1, length), jnp.float32)
+  key0 = jax.random.key(0, impl="unsafe_rbg")
 
   def init_params(key):
-    return model.init(key, jnp.zeros((1, length), jnp.float32))["params"]
+    return model.init(key, x0)["params"]
 
-  init_fn = jax.jit(init_params, out_shardings=rep)
-  params = jax.eval_shape(init_params, jax.random.key(0, impl="unsafe_rbg"))
+  params = jax.eval_shape(init_params, key0)
   shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+  disc = disc_tx = disc_schedule = init_disc = None
+  if "discriminator" in config:
+    try:
+      disc = make_discriminator(config.discriminator.to_dict(), dtype=dtype)
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.discriminator: {e}") from None
+    disc_tx = make_optimizer(config.disc_optim)
+    disc_schedule = make_schedule(config.disc_optim, int(config.train.num_steps))
+    init_disc = lambda key: disc.init(key, x0)["params"]  # noqa: E731
+    d_params = jax.eval_shape(init_disc, key0)
+    shapes = shapes.replace(disc_params=d_params, disc_opt_state=jax.eval_shape(disc_tx.init, d_params))
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   batch = jax.ShapeDtypeStruct((bs, length), jnp.float32, sharding=shard)
   t = time.perf_counter()
-  step = jax.jit(make_train_step(model, tx, schedule, config), in_shardings=(rep, shard),
-                 out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch).compile()
-  return Program(config, model, tx, mesh, step, init_fn, abstract, time.perf_counter() - t)
+  step = jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
+                 in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch).compile()
+  compile_s = time.perf_counter() - t
+  return Program(config, model, tx, mesh, step, jax.jit(init_params, out_shardings=rep), abstract, compile_s,
+                 disc, disc_tx, None if disc is None else jax.jit(init_disc, out_shardings=rep))
 
 
 def init_state(program: Program, params=None) -> TrainState:
-  """Step 0: fresh params from config.seed (or the given `params`) and a fresh optimizer."""
+  """Step 0: fresh params from config.seed (or the given `params`) and a fresh optimizer
+  (and a fresh discriminator, from the seed too, in the adversarial recipe)."""
+  # The XLA RngBitGenerator compiles ~3x faster than threefry on CPU for the
+  # hundreds of initialisers; init values are reproducible per platform.
+  key = jax.random.key(int(program.config.seed), impl="unsafe_rbg")
   if params is None:
-    # The XLA RngBitGenerator compiles ~3x faster than threefry on CPU for the
-    # hundreds of initialisers; init values are reproducible per platform.
-    params = program.init_params(jax.random.key(int(program.config.seed), impl="unsafe_rbg"))
+    params = program.init_params(key)
   params = jax.device_put(params, program.replicated)
-  opt_state = jax.jit(program.tx.init, out_shardings=program.replicated)(params)
-  return TrainState(jnp.int32(0), params, opt_state)
+  init_opt = lambda tx, p: jax.jit(tx.init, out_shardings=program.replicated)(p)  # noqa: E731
+  state = TrainState(jnp.int32(0), params, init_opt(program.tx, params))
+  if program.adversarial:
+    d_params = program.init_disc_params(jax.random.fold_in(key, 1))
+    state = state.replace(disc_params=d_params, disc_opt_state=init_opt(program.disc_tx, d_params))
+  return state
 
 
 def global_batch(program: Program, local: np.ndarray) -> jax.Array:
@@ -252,6 +325,8 @@ def save(mngr, state: TrainState, config, data_iter=None, val_metrics=None) -> N
               num_workers=int(config.data.num_workers),
               data_state=data_iter.get_state() if hasattr(data_iter, "get_state") else None)
   items = {ckpt.PARAMS_ITEM: host_params(state), "opt_state": state.opt_state}
+  if state.disc_params is not None:
+    items.update(disc_params=state.disc_params, disc_opt_state=state.disc_opt_state)
   ckpt.save_step(mngr, step, items, meta, val_metrics)
 
 
@@ -261,7 +336,10 @@ def restore(mngr, program: Program, config, data_iter=None) -> TrainState | None
   if step is None:
     return None
   a = program.abstract_state
-  items, meta = ckpt.restore_step(mngr, step, {ckpt.PARAMS_ITEM: a.params, "opt_state": a.opt_state})
+  targets = {ckpt.PARAMS_ITEM: a.params, "opt_state": a.opt_state}
+  if program.adversarial:
+    targets.update(disc_params=a.disc_params, disc_opt_state=a.disc_opt_state)
+  items, meta = ckpt.restore_step(mngr, step, targets)
   c = config
   if meta.get("seed") != int(c.seed):
     logging.warning("resuming a run started with seed %s under seed %s", meta.get("seed"), c.seed)
@@ -272,7 +350,8 @@ def restore(mngr, program: Program, config, data_iter=None) -> TrainState | None
       raise ConfigError(f"checkpoint {step} was written with data.num_workers={meta.get('num_workers')}; "
                         f"resume with --config.data.num_workers={meta.get('num_workers')}")
     data_iter.set_state(meta["data_state"])
-  return TrainState(jnp.int32(meta["step"]), items[ckpt.PARAMS_ITEM], items["opt_state"])
+  return TrainState(jnp.int32(meta["step"]), items[ckpt.PARAMS_ITEM], items["opt_state"],
+                    items.get("disc_params"), items.get("disc_opt_state"))
 
 
 def init_from(program: Program, directory) -> TrainState:
@@ -376,7 +455,8 @@ def _check_finite(m, step: int, mngr) -> None:
 
 def _step_key(config) -> dict:
   """What the compiled step depends on (a `Program` serves any config with the same key)."""
-  key = ckpt.plain({k: config[k] for k in ("seed", "model_name", "model", "loss", "optim", "train")})
+  key = ckpt.plain({k: config[k] for k in ("seed", "model_name", "model", "loss", "optim", "train",
+                                           "discriminator", "disc_optim") if k in config})
   key["train"].pop("init_from", None)  # read at start-up only
   return key | {"clip_samples": int(config.data.clip_samples)}
 
@@ -398,6 +478,8 @@ def train_and_evaluate(config, workdir, *, program: Program | None = None,
   c = config
   workdir = pathlib.Path(workdir).absolute()
   num_steps = int(c.train.num_steps) if until is None else min(int(until), int(c.train.num_steps))
+  if c.train.init_from is None:  # a config that must start from a codec (the adversarial fine-tuning)
+    raise ConfigError("this config starts from a trained codec: pass --config.train.init_from=CODEC_DIR")
   # 1. Model, mesh and the compiled step.
   if program is None:
     program = build(c)
