@@ -531,7 +531,8 @@ def train_and_evaluate(config, workdir, *, program: Program | None = None,
             row = {k: float(np.mean(v)) for k, v in acc.items()}
             row["steps_per_sec"] = n_timed / max(busy, 1e-9)
             writer.write(n, row)
-            pbar.set_postfix(loss=f"{row['loss']:.4f}", kbps=f"{row['kbps']:.1f}",
+            adv = {k: f"{row[f'{k}_loss']:.3f}" for k in ("gen", "feat", "disc") if f"{k}_loss" in row}
+            pbar.set_postfix(loss=f"{row['loss']:.4f}", **adv, kbps=f"{row['kbps']:.1f}",
                              steps_s=f"{row['steps_per_sec']:.2f}", refresh=False)
             acc, busy, n_timed = {}, 0.0, 0
           val = None
