@@ -7,7 +7,11 @@ ESC-Base(adv) recipe; config files only set what differs.
 """
 from __future__ import annotations
 
+import pathlib
+
 import ml_collections
+
+ASSETS = str(pathlib.Path(__file__).parent / "assets")  # the two bundled speech clips
 
 # The reference's clip: 3 s minus one hop (x[:-80]) so T = 600 frames, W = 300 patches.
 CLIP_SAMPLES = 47920
@@ -98,4 +102,21 @@ def add_adversarial(c: ml_collections.ConfigDict, discriminator: dict = DISCRIMI
   c.optim.clip_norm = 1e3
   c.loss = ml_collections.ConfigDict(dict(cm_weight=0.25, cb_weight=1.0, mel_weight=15.0, stft_weight=0.0,
                                           gen_weight=1.0, feat_weight=2.0))
+  return c
+
+
+def smoke(c: ml_collections.ConfigDict, num_steps: int, pretrain_steps: int) -> ml_collections.ConfigDict:
+  """A quick CPU run of `c` on the bundled clips: batch 2 of 1 s crops, validation at the end."""
+  c.data.train_dir = ASSETS
+  c.data.val_dir = ASSETS
+  c.data.clip_samples = 15920  # 1 s (T = 200 frames)
+  c.data.num_workers = 0
+  c.train.batch_size = 2
+  c.train.num_steps = num_steps
+  c.train.pretrain_steps = pretrain_steps
+  c.eval.every_steps = num_steps
+  c.eval.batch_size = 2
+  c.ckpt.every_steps = num_steps // 2
+  c.ckpt.keep = 2
+  c.log.every_steps = max(1, num_steps // 4)
   return c
