@@ -359,16 +359,20 @@ def init_from(program: Program, directory) -> TrainState:
   c = program.config
   if not pathlib.Path(directory).is_dir():
     raise ConfigError(f"train.init_from {directory}: no such codec directory")
-  other = ckpt.read_codec_config(directory)
-  try:  # the same model, whatever keywords were spelled out
-    same = make_model(other["model"], other.get("model_name", "csvq+swinT")) == make_model(c.model, c.model_name)
-  except (TypeError, ValueError):
-    same = False
-  if not same:
+  if not _same_model(ckpt.read_codec_config(directory), c):
     raise ConfigError(f"train.init_from {directory} holds a different model than config.model")
   params = ckpt.restore_params(directory, program.model)
   logging.info("initialised from %s", directory)
   return init_state(program, params)
+
+
+def _same_model(codec_config: dict, config) -> bool:
+  """Whether a codec directory's config describes config.model (whatever keywords are spelled out)."""
+  try:
+    return (make_model(codec_config["model"], codec_config.get("model_name", "csvq+swinT"))
+            == make_model(config.model, config.model_name))
+  except (TypeError, ValueError):
+    return False
 
 
 def write_run_config(workdir, config) -> None:
@@ -377,8 +381,7 @@ def write_run_config(workdir, config) -> None:
   path = workdir / ckpt.CONFIG_FILE
   cfg = ckpt.codec_config(config.model, config.model_name)
   if path.exists():
-    old = ckpt.read_codec_config(workdir)
-    if old.get("model") != cfg["model"] or old.get("model_name") != cfg["model_name"]:
+    if not _same_model(ckpt.read_codec_config(workdir), config):
       raise ConfigError(f"{workdir} holds a run of a different model ({path}); "
                         "use another --workdir or the same model config")
     return
