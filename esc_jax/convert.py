@@ -1,10 +1,14 @@
-"""PyTorch state_dict -> Flax params: a mechanical, strict name mapping.
+"""PyTorch state_dict -> Flax variables: a mechanical, strict name mapping.
 
 Torch key `a.b.3.c.weight` names the Flax module path `a/b_3/c`; the leaf
 depends on the Flax module found there: `kernel` (Linear weights transposed,
-Conv2d (out, in, kh, kw) -> (kh, kw, in, out)), `scale` (LayerNorm) or
-`embedding` (nn.Embedding). Both key layouts of the released checkpoints are
-accepted (first release: `pre_swin`/`post_swin`, `vqs.{m}.proj_down`/`proj_up`).
+Conv2d (out, in, kh, kw) and ConvTranspose2d (in, out, kh, kw) both
+transposed (2, 3, 1, 0)), `scale` (LayerNorm, BatchNorm), `embedding`
+(nn.Embedding) or `negative_slope` (PReLU). BatchNorm buffers `running_mean`
+/ `running_var` go to the "batch_stats" collection as `mean` / `var`
+(`num_batches_tracked` is not needed). Both key layouts of the released
+checkpoints are accepted (first release: `pre_swin`/`post_swin`,
+`vqs.{m}.proj_down`/`proj_up`).
 """
 from __future__ import annotations
 
@@ -60,24 +64,33 @@ def _convert_leaf(key: str, leaf: str, module: Mapping[str, Any], value: np.ndar
       if value.ndim == 4:
         return "kernel", value.transpose(2, 3, 1, 0)
       raise ConversionError(f"{key}: unexpected weight rank {value.ndim}")
-    for name in ("scale", "embedding"):
+    for name in ("scale", "embedding", "negative_slope"):
       if name in module:
         return name, value
     raise ConversionError(f"{key}: no Flax weight at {'/'.join(flax_path(key)[:-1])}")
   return leaf, value
 
 
-def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict:
-  """Map a torch state dict onto a Flax params tree of the same model.
+# BatchNorm buffers: torch leaf -> leaf in the "batch_stats" collection.
+_STATS = {"running_mean": "mean", "running_var": "var"}
+
+
+def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict:
+  """Map a torch state dict onto Flax variables {"params": ..., "batch_stats": ...}.
 
   Args:
-    state_dict: torch name -> array (either release layout; buffers ignored).
-    template: the model's params (e.g. from `init` or `jax.eval_shape`); only
-      its structure and shapes are used.
-  Returns: a new params tree of float32 numpy arrays.
+    state_dict: torch name -> array (either release layout; derived buffers and
+      BatchNorm `num_batches_tracked` ignored).
+    template: the model's variables (e.g. `jax.eval_shape(model.init, ...)`);
+      only structure and shapes are used. "batch_stats" exists for the
+      convolution backbone only.
+  Returns: a new variables tree (the template's collections) of float32 numpy arrays.
   Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key.
   """
-  flat_template = _flatten(template)
+  params_t = template["params"]
+  stats_t = template.get("batch_stats", {})
+  flat_template = {("params",) + p: v for p, v in _flatten(params_t).items()}
+  flat_template.update({("batch_stats",) + p: v for p, v in _flatten(stats_t).items()})
   filled: dict[tuple[str, ...], np.ndarray] = {}
   source: dict[tuple[str, ...], str] = {}
   for key, value in state_dict.items():
@@ -85,51 +98,86 @@ def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping
       continue
     ckey = canonical_key(key)
     path = flax_path(ckey)
-    module = _subtree(template, path[:-1])
-    if module is None:
-      raise ConversionError(f"unexpected key {key!r}: the model has no module {'/'.join(path[:-1])}")
-    leaf, arr = _convert_leaf(key, path[-1], module, np.asarray(value))
-    full = path[:-1] + (leaf,)
+    if path[-1] == "num_batches_tracked" and _subtree(stats_t, path[:-1]) is not None:
+      continue  # PyTorch's counter; momentum 0.1 does not use it
+    if path[-1] in _STATS:
+      col, module = "batch_stats", _subtree(stats_t, path[:-1])
+      if module is None:
+        raise ConversionError(f"unexpected key {key!r}: the model has no BatchNorm at {'/'.join(path[:-1])}")
+      leaf, arr = _STATS[path[-1]], np.asarray(value)
+    else:
+      col, module = "params", _subtree(params_t, path[:-1])
+      if module is None:
+        raise ConversionError(f"unexpected key {key!r}: the model has no module {'/'.join(path[:-1])}")
+      leaf, arr = _convert_leaf(key, path[-1], module, np.asarray(value))
+    full = (col,) + path[:-1] + (leaf,)
+    where = "/".join(full[1:])
     if full not in flat_template:
-      raise ConversionError(f"unexpected key {key!r}: the model has no parameter {'/'.join(full)}")
+      raise ConversionError(f"unexpected key {key!r}: the model has no {col} entry {where}")
     if full in filled:
-      raise ConversionError(f"key {key!r} fills {'/'.join(full)} already filled by {source[full]!r}")
+      raise ConversionError(f"key {key!r} fills {where} already filled by {source[full]!r}")
     want = tuple(flat_template[full].shape)
     if tuple(arr.shape) != want:
       raise ConversionError(f"shape mismatch for {key!r}: checkpoint {tuple(np.shape(value))} "
-                            f"(as {tuple(arr.shape)} in Flax layout) vs model {want} at {'/'.join(full)}")
+                            f"(as {tuple(arr.shape)} in Flax layout) vs model {want} at {where}")
     filled[full] = np.ascontiguousarray(arr, dtype=np.float32)
     source[full] = key
   missing = [p for p in flat_template if p not in filled]
   if missing:
-    raise ConversionError(f"missing key(s) in checkpoint: {', '.join(_torch_name(p) for p in missing[:5])}"
+    raise ConversionError(f"missing key(s) in checkpoint: {', '.join(_torch_name(p[1:], p[0]) for p in missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-  return _unflatten(filled)
+  out = _unflatten(filled)
+  return {col: out.get(col, {}) for col in template if col in ("params", "batch_stats")}
+
+
+def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict:
+  """Map a torch state dict onto a Flax params tree of a model without BatchNorm.
+
+  Args:
+    state_dict: torch name -> array (either release layout; buffers ignored).
+    template: the model's params (e.g. from `init` or `jax.eval_shape`); only
+      its structure and shapes are used.
+  Returns: a new params tree of float32 numpy arrays.
+  Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key
+    (BatchNorm running statistics need `state_dict_to_variables`).
+  """
+  stats = next((k for k in state_dict if k.rsplit(".", 1)[-1] in _STATS), None)
+  if stats is not None:
+    raise ConversionError(f"{stats!r} is a BatchNorm statistic: convert a convolution-backbone "
+                          "model with state_dict_to_variables")
+  return state_dict_to_variables(state_dict, {"params": template})["params"]
 
 
 def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Inverse mapping (Flax params -> torch names and layouts); handy for export and tests."""
+  return variables_to_state_dict({"params": params})
+
+
+def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Inverse of `state_dict_to_variables` ("params" and "batch_stats"; no derived buffers)."""
   out = {}
-  for path, value in _flatten(params).items():
-    value = np.asarray(value)
-    leaf = path[-1]
-    if leaf == "kernel":
-      value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
-    out[_torch_name(path)] = value
+  for col in ("params", "batch_stats"):
+    for path, value in _flatten(variables.get(col, {})).items():
+      value = np.asarray(value)
+      if path[-1] == "kernel":
+        value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+      out[_torch_name(path, col)] = value
   return out
 
 
 # Module lists of the original (`nn.ModuleList` attributes): `name_i` <-> `name.i`.
-_LISTS = ("blocks", "swint_blocks", "quantizers", "vqs", "down_projs", "up_projs")
+_LISTS = ("blocks", "block", "swint_blocks", "quantizers", "vqs", "down_projs", "up_projs")
+_TORCH_LEAF = {"params": {"kernel": "weight", "scale": "weight", "embedding": "weight", "negative_slope": "weight"},
+               "batch_stats": {v: k for k, v in _STATS.items()}}
 
 
-def _torch_name(path: tuple[str, ...]) -> str:
+def _torch_name(path: tuple[str, ...], collection: str = "params") -> str:
   parts = []
   for p in path[:-1]:
     m = re.fullmatch(r"(.*)_(\d+)", p)
     parts.extend([m.group(1), m.group(2)] if m and m.group(1) in _LISTS else [p])
   leaf = path[-1]
-  parts.append({"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf))
+  parts.append(_TORCH_LEAF[collection].get(leaf, leaf))
   return ".".join(parts)
 
 
@@ -230,6 +278,11 @@ def convert_checkpoint(checkpoint, output, config=None, overwrite: bool = False)
     template = model_template(model)
   except (TypeError, ValueError) as e:
     raise ConversionError(f"{config}: invalid model config ({e})") from None
+  if model_cfg.get("backbone", "convolution" if model_name.endswith("conv") else "") == "convolution":
+    # TODO(checkpoint): codec directories hold params only; BatchNorm statistics need a
+    # "batch_stats" item first (state_dict_to_variables already converts them).
+    raise ConversionError(f"{config}: {model_name} (convolution backbone) has BatchNorm statistics, "
+                          "which codec directories cannot store yet")
   state_dict = unwrap_state_dict(load_pth(checkpoint), str(checkpoint))
   try:
     params = state_dict_to_params(state_dict, template)
