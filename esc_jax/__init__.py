@@ -5,7 +5,7 @@
   audio = codec.decode(codes, length=len(audio_16k))
 """
 from esc_jax.checkpoint import Codec, CheckpointError, load, save_codec
-from esc_jax.codec import ESC, make_model
+from esc_jax.codec import ESC, RVQCodec, make_model
 
-__all__ = ["Codec", "CheckpointError", "ESC", "load", "make_model", "save_codec"]
+__all__ = ["Codec", "CheckpointError", "ESC", "RVQCodec", "load", "make_model", "save_codec"]
 __version__ = "0.1.0"

@@ -303,8 +303,9 @@ class ESC(CodecBase):
 
     Args:
       x: (B, L) audio; L must give an even number of time patches divisible by overlap.
-      num_streams: streams transmitted, 1..max_streams. A traced int in training
-        mode (non-transmitted streams are masked); a Python int in eval mode.
+      num_streams: streams transmitted, 1..max_streams. A Python int in eval mode
+        skips the other streams; a traced int (training, or eval with one program
+        for every bitrate) runs all and masks the non-transmitted ones.
       train: training mode (straight-through estimator, masked streams, BatchNorm
         batch statistics: apply with mutable=["batch_stats"] for the convolution backbone).
       freeze_codebook: traced bool (train only); pre-training bypass of all codebooks,
@@ -417,7 +418,8 @@ class RVQCodec(CodecBase):
     """Forward pass of the original `RVQCodecs.forward`; arguments and outputs as `ESC.__call__`.
 
     Training codes are (B, num_rvqs, group_size, W/overlap) (streams >= num_streams
-    masked); eval codes (B, num_streams, group_size, W/overlap).
+    masked); eval codes (B, num_streams, group_size, W/overlap), or all num_rvqs
+    streams' codes when num_streams is traced (as ESC's eval forward).
     """
     feat, enc_hs = self._analyse(x, train)
     if train:

@@ -187,20 +187,22 @@ class ResidualVQ(nn.Module):
   def __call__(self, z, num_streams, train: bool = False):
     """Residual quantisation of the down-projected z (B, T, codebook_dim).
 
-    Eval: codebooks >= num_streams (a Python int) are skipped. Train: all run
-    (num_streams may be traced); the quantised residuals and losses of
-    codebooks >= num_streams are multiplied by 0, their codes still emitted.
+    Eval with a Python int: codebooks >= num_streams are skipped. Otherwise
+    (training, or a traced num_streams) all run, and the quantised residuals
+    and losses of codebooks >= num_streams are multiplied by 0 (equal values),
+    their codes still emitted.
     Returns (z_q (B, T, codebook_dim), codes (B, depth, T), cm (B,), cb (B,)),
     losses summed over the codebooks.
     """
+    static = isinstance(num_streams, int)
     z_q, codes, cm, cb = 0.0, [], 0.0, 0.0
     residual = z
     for i, vq in enumerate(self.vqs):
-      if not train and i >= num_streams:
+      if static and not train and i >= num_streams:
         break
       z_q_i, code, cm_i, cb_i = vq(residual, train)
       residual = residual - z_q_i  # with the straight-through z_q_i, as in the original
-      if train:
+      if train or not static:
         on = jnp.asarray(i < num_streams, jnp.float32)
         z_q_i, cm_i, cb_i = z_q_i * on, cm_i * on, cb_i * on
       z_q = z_q + z_q_i
