@@ -6,7 +6,7 @@
 """
 from esc_jax.api import Codec, load
 from esc_jax.checkpoint import CheckpointError, save_codec
-from esc_jax.codec import ESC, make_model
+from esc_jax.codec import ESC, RVQCodec, make_model
 
-__all__ = ["Codec", "CheckpointError", "ESC", "load", "make_model", "save_codec"]
+__all__ = ["Codec", "CheckpointError", "ESC", "RVQCodec", "load", "make_model", "save_codec"]
 __version__ = "0.2.0"

@@ -1,14 +1,24 @@
-"""ESC: Swin encoder, cross-scale residual VQ decoder, encode/decode.
+"""ESC and its ablation variants: encoders, decoders, encode/decode.
+
+Four codecs, as the original's `make_model` names them:
+  csvq+swinT  ESC: Swin encoder, cross-scale residual VQ decoder (`ESC`)
+  csvq+conv   the same with the convolution backbone (`ESC(backbone="convolution")`)
+  rvq+swinT   Swin encoder/decoder, product residual VQ at the bottleneck only (`RVQCodec`)
+  rvq+conv    the same with the convolution backbone
 
 Parameter tree (mirrors the PyTorch module names; list index i -> `name_i`):
   encoder/{patch_embed, pre_nn, blocks_i}
   decoder/{blocks_i, post_nn, patch_deembed}
-  quantizers_i/{vqs_m/embedding, down_projs_m, up_projs_m}
+  ESC:      quantizers_i/{vqs_m/embedding, down_projs_m, up_projs_m}
+  RVQCodec: quantizers/vqs_m/{proj_down, proj_up, vqs_k/embedding}
+The convolution backbone adds BatchNorm running statistics in the
+"batch_stats" collection (same paths); apply a training forward with
+`mutable=["batch_stats"]`.
 
-Frame geometry (defined here, used by the codec API, training, evaluation and
-the bitstream): one code frame covers `samples_per_frame` = hop * patch_w *
-overlap samples (320 = 20 ms at the defaults); the model maps a length L to
-itself iff L = k * samples_per_frame - hop (`valid_length`).
+Frame geometry (defined once in `CodecBase`, used by the codec API, training,
+evaluation and the bitstream): one code frame covers `samples_per_frame` =
+hop * patch_w * overlap samples (320 = 20 ms at the defaults); the model maps
+a length L to itself iff L = k * samples_per_frame - hop (`valid_length`).
 """
 from __future__ import annotations
 
@@ -20,8 +30,11 @@ import jax.numpy as jnp
 
 from esc_jax import audio
 from esc_jax.layers.attention import TransformerLayer
+from esc_jax.layers.conv import Convolution2D, ConvolutionLayer
 from esc_jax.layers.scale import PatchDeEmbed, PatchEmbed
-from esc_jax.quantize import ProductVQ
+from esc_jax.quantize import ProductResidualVQ, ProductVQ
+
+BACKBONES = ("transformer", "convolution")
 
 
 def _tokens(x):
@@ -30,7 +43,7 @@ def _tokens(x):
 
 
 class Encoder(nn.Module):
-  """PatchEmbed -> pre_nn -> len(h_dims)-1 downscaling layers."""
+  """PatchEmbed -> pre_nn -> len(h_dims)-1 downscaling layers (Swin or convolution)."""
   in_dim: int
   h_dims: Sequence[int]
   patch_size: Sequence[int]
@@ -39,24 +52,39 @@ class Encoder(nn.Module):
   window_size: int
   mlp_ratio: float
   dtype: Any = jnp.float32
+  backbone: str = "transformer"
+  kernel_size: Sequence[int] = (5, 2)  # convolution backbone
+  conv_depth: int = 1  # residual units per convolution layer
 
   @nn.compact
-  def __call__(self, feat):
-    """feat: (B, F, T, 2) -> list of (B, H_i, W, h_dims[i]) for every scale."""
+  def __call__(self, feat, train: bool = False):
+    """feat: (B, F, T, 2) -> list of (B, H_i, W, h_dims[i]) for every scale.
+
+    train: BatchNorm mode of the convolution backbone (unused by the transformer).
+    """
     h = self.h_dims
-    x = PatchEmbed(self.in_dim, h[0], tuple(self.patch_size), dtype=self.dtype, name="patch_embed")(feat)
-    x = TransformerLayer(h[0], h[0], self.swin_heads[0], self.swin_depth, self.window_size,
-                         self.mlp_ratio, None, self.dtype, name="pre_nn")(x)
+    conv = self.backbone == "convolution"
+    x = PatchEmbed(self.in_dim, h[0], tuple(self.patch_size), norm=not conv, dtype=self.dtype,
+                   name="patch_embed")(feat)
+    if conv:
+      x = Convolution2D(h[0], h[0], tuple(self.kernel_size), False, dtype=self.dtype, name="pre_nn")(x)
+    else:
+      x = TransformerLayer(h[0], h[0], self.swin_heads[0], self.swin_depth, self.window_size,
+                           self.mlp_ratio, None, self.dtype, name="pre_nn")(x)
     enc_hs = [x]
     for i in range(len(h) - 1):
-      x = TransformerLayer(h[i], h[i + 1], self.swin_heads[i], self.swin_depth, self.window_size,
-                           self.mlp_ratio, "down", self.dtype, name=f"blocks_{i}")(x)
+      if conv:
+        x = ConvolutionLayer(h[i], h[i + 1], self.conv_depth, tuple(self.kernel_size), False, self.dtype,
+                             name=f"blocks_{i}")(x, train)
+      else:
+        x = TransformerLayer(h[i], h[i + 1], self.swin_heads[i], self.swin_depth, self.window_size,
+                             self.mlp_ratio, "down", self.dtype, name=f"blocks_{i}")(x)
       enc_hs.append(x)
     return enc_hs
 
 
 class Decoder(nn.Module):
-  """Upscaling layers (reversed h_dims), post_nn and PatchDeEmbed."""
+  """Upscaling layers (reversed h_dims), post_nn and PatchDeEmbed (Swin or convolution)."""
   in_dim: int
   h_dims: Sequence[int]  # decoder order: bottom (largest) first
   patch_size: Sequence[int]
@@ -65,71 +93,41 @@ class Decoder(nn.Module):
   window_size: int
   mlp_ratio: float
   dtype: Any = jnp.float32
+  backbone: str = "transformer"
+  kernel_size: Sequence[int] = (5, 2)  # convolution backbone
+  conv_depth: int = 1
 
   def setup(self):
     h = self.h_dims
-    self.blocks = [TransformerLayer(h[i], h[i + 1], self.swin_heads[i], self.swin_depth, self.window_size,
-                                    self.mlp_ratio, "up", self.dtype) for i in range(len(h) - 1)]
-    self.post_nn = TransformerLayer(h[-1], h[-1], self.swin_heads[-1], self.swin_depth, self.window_size,
-                                    self.mlp_ratio, None, self.dtype)
+    if self.backbone == "convolution":
+      self.blocks = [ConvolutionLayer(h[i], h[i + 1], self.conv_depth, tuple(self.kernel_size), True, self.dtype)
+                     for i in range(len(h) - 1)]
+      self.post_nn = Convolution2D(h[-1], h[-1], tuple(self.kernel_size), False, dtype=self.dtype)
+    else:
+      self.blocks = [TransformerLayer(h[i], h[i + 1], self.swin_heads[i], self.swin_depth, self.window_size,
+                                      self.mlp_ratio, "up", self.dtype) for i in range(len(h) - 1)]
+      self.post_nn = TransformerLayer(h[-1], h[-1], self.swin_heads[-1], self.swin_depth, self.window_size,
+                                      self.mlp_ratio, None, self.dtype)
     self.patch_deembed = PatchDeEmbed(self.in_dim, h[-1], tuple(self.patch_size), self.dtype)
 
-  def up(self, i: int, x):
-    """Up layer i: (B, H, W, C_i) -> (B, 2H, W, C_{i+1})."""
-    return self.blocks[i](x)
+  def up(self, i: int, x, train: bool = False):
+    """Up layer i: (B, H, W, C_i) -> (B, 2H, W, C_{i+1}); train: BatchNorm mode (convolution)."""
+    return self.blocks[i](x, train) if self.backbone == "convolution" else self.blocks[i](x)
 
   def head(self, x):
     """post_nn + de-embedding: (B, H, W, C) -> (B, F, T, 2)."""
     return self.patch_deembed(self.post_nn(x))
 
-  def __call__(self, x):
+  def __call__(self, x, train: bool = False):
     for i in range(len(self.blocks)):
-      x = self.up(i, x)
+      x = self.up(i, x, train)
     return self.head(x)
 
 
-# A stream's quantizer step in the cross-scale loop: (stream index, residual to
-# code or None when decoding from codes) -> dict with at least "z_q" (B, H, W, C).
-StreamFn = Callable[[int, Any], dict]
-
-
-class ESC(nn.Module):
-  """Efficient Speech Codec (`csvq+swinT`); field names follow the original constructor."""
-  in_dim: int = 2
-  in_freq: int = 192
-  h_dims: Sequence[int] = (45, 72, 96, 144, 192, 384)
-  max_streams: int = 6
-  win_len: int = 20
-  hop_len: int = 5
-  sr: int = 16000
-  patch_size: Sequence[int] = (3, 2)
-  swin_heads: Sequence[int] = (3, 6, 12, 24, 24)
-  swin_depth: int = 2
-  window_size: int = 4
-  mlp_ratio: float = 4.0
-  overlap: int = 2
-  group_size: int = 3
-  codebook_size: int = 1024
-  codebook_dims: Sequence[int] = (8, 8, 8, 8, 8, 8)
-  l2norm: bool = True
-  backbone: str = "transformer"
-  dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
-
-  def setup(self):
-    if self.backbone != "transformer":
-      raise ValueError(f"ESC backbone {self.backbone!r} is not supported (only 'transformer')")
-    if len(self.h_dims) != self.max_streams:
-      raise ValueError(f"h_dims has {len(self.h_dims)} scales but max_streams={self.max_streams}")
-    dec_h = tuple(self.h_dims)[::-1]
-    self.encoder = Encoder(self.in_dim, tuple(self.h_dims), tuple(self.patch_size), tuple(self.swin_heads),
-                           self.swin_depth, self.window_size, self.mlp_ratio, self.dtype)
-    self.decoder = Decoder(self.in_dim, dec_h, tuple(self.patch_size), tuple(self.swin_heads)[::-1],
-                           self.swin_depth, self.window_size, self.mlp_ratio, self.dtype)
-    h0 = self.in_freq // self.patch_size[0]  # frequency patches at the top scale
-    self.quantizers = [  # streams 0 and 1 both sit at the bottom scale
-        ProductVQ(dec_h[max(i - 1, 0)], h0 // 2 ** (self.max_streams - max(i, 1)), self.overlap,
-                  self.group_size, self.codebook_dims[i], self.codebook_size, self.l2norm)
-        for i in range(self.max_streams)]
+class CodecBase(nn.Module):
+  """What every codec variant shares: frame geometry, bitrate, STFT front end and
+  the encoder/decoder wiring. Subclasses define the fields (the original's
+  constructor keywords) and `setup` with `encoder`, `decoder`."""
 
   # ---- frame geometry and bitrate (plain Python; usable on an unbound module) ----
   @property
@@ -176,6 +174,25 @@ class ESC(nn.Module):
     """Bitrate of `num_streams` streams (Python or traced)."""
     return num_streams * self.kbps_per_stream
 
+  def _check_config(self):
+    if self.backbone not in BACKBONES:
+      raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+    if len(self.h_dims) != self.max_streams:
+      raise ValueError(f"h_dims has {len(self.h_dims)} scales but max_streams={self.max_streams}")
+
+  def _check_streams(self, s):
+    if isinstance(s, int) and not 1 <= s <= self.max_streams:
+      raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {s}")
+
+  def _backbone(self):
+    """(encoder, decoder) of this configuration."""
+    dec_h = tuple(self.h_dims)[::-1]
+    common = dict(patch_size=tuple(self.patch_size), swin_depth=self.swin_depth,
+                  window_size=self.window_size, mlp_ratio=self.mlp_ratio, dtype=self.dtype,
+                  backbone=self.backbone, kernel_size=tuple(self.kernel_size), conv_depth=self.conv_depth)
+    return (Encoder(self.in_dim, tuple(self.h_dims), swin_heads=tuple(self.swin_heads), **common),
+            Decoder(self.in_dim, dec_h, swin_heads=tuple(self.swin_heads)[::-1], **common))
+
   # ---- signal <-> features ----
   def spec(self, x):
     """(B, L) audio -> (B, 2, F, T) real/imag STFT features."""
@@ -185,22 +202,59 @@ class ESC(nn.Module):
     """(B, 2, F, T) -> (B, hop*(T-1)) audio."""
     return audio.istft(feat, self.n_fft, self.win, self.hop)
 
-  def _analyse(self, x):
+  def _analyse(self, x, train: bool = False):
     """(B, L) audio -> (features (B, 2, F, T), encoder maps at every scale)."""
     feat = self.spec(x)
-    return feat, self.encoder(feat.transpose(0, 2, 3, 1).astype(self.dtype))
+    return feat, self.encoder(feat.transpose(0, 2, 3, 1).astype(self.dtype), train)
 
   def _synthesise(self, dec):
     """Top decoder map (B, H, W, C) -> (features (B, 2, F, T) float32, audio (B, L))."""
     feat = self.decoder.head(dec).transpose(0, 3, 1, 2).astype(jnp.float32)
     return feat, self.wave(feat)
 
-  def _check_streams(self, s):
-    if isinstance(s, int) and not 1 <= s <= self.max_streams:
-      raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {s}")
+
+# A stream's quantizer step in the cross-scale loop: (stream index, residual to
+# code or None when decoding from codes) -> dict with at least "z_q" (B, H, W, C).
+StreamFn = Callable[[int, Any], dict]
+
+
+class ESC(CodecBase):
+  """Efficient Speech Codec (`csvq+swinT`, or `csvq+conv` with backbone="convolution");
+  field names follow the original constructor."""
+  in_dim: int = 2
+  in_freq: int = 192
+  h_dims: Sequence[int] = (45, 72, 96, 144, 192, 384)
+  max_streams: int = 6
+  win_len: int = 20
+  hop_len: int = 5
+  sr: int = 16000
+  patch_size: Sequence[int] = (3, 2)
+  swin_heads: Sequence[int] = (3, 6, 12, 24, 24)
+  swin_depth: int = 2
+  window_size: int = 4
+  mlp_ratio: float = 4.0
+  overlap: int = 2
+  group_size: int = 3
+  codebook_size: int = 1024
+  codebook_dims: Sequence[int] = (8, 8, 8, 8, 8, 8)
+  l2norm: bool = True
+  backbone: str = "transformer"  # or "convolution"
+  kernel_size: Sequence[int] = (5, 2)  # convolution backbone only
+  conv_depth: int = 1  # convolution backbone: residual units per layer
+  dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
+
+  def setup(self):
+    self._check_config()
+    dec_h = tuple(self.h_dims)[::-1]
+    self.encoder, self.decoder = self._backbone()
+    h0 = self.in_freq // self.patch_size[0]  # frequency patches at the top scale
+    self.quantizers = [  # streams 0 and 1 both sit at the bottom scale
+        ProductVQ(dec_h[max(i - 1, 0)], h0 // 2 ** (self.max_streams - max(i, 1)), self.overlap,
+                  self.group_size, self.codebook_dims[i], self.codebook_size, self.l2norm)
+        for i in range(self.max_streams)]
 
   # ---- the cross-scale residual loop (SPEC "Encoder / cross-scale decoder") ----
-  def cross_scale(self, stream: StreamFn, num_streams, enc_hs=None, full: bool = True):
+  def cross_scale(self, stream: StreamFn, num_streams, enc_hs=None, full: bool = True, train: bool = False):
     """Runs the cross-scale residual decoder once; every mode is a choice of `stream`.
 
     dec_0 = Q_0(enc_hs[-1]); for i = 0..max_streams-2:
@@ -216,6 +270,7 @@ class ESC(nn.Module):
       enc_hs: encoder maps of every scale, or None.
       full: run every up layer; False stops after the last transmitted stream
         (encoding needs no further decoder state).
+      train: BatchNorm mode of the up layers (convolution backbone).
     Returns:
       (dec_hs, outs): decoder maps after every up layer (dec_hs[0] = dec_0),
       and the stream outputs with an "on" entry (bool, traced or Python).
@@ -233,7 +288,7 @@ class ESC(nn.Module):
         outs.append(dict(o, on=on))
       if not full and static and i + 2 >= num_streams:
         break
-      dec = self.decoder.up(i, dec.astype(self.dtype))
+      dec = self.decoder.up(i, dec.astype(self.dtype), train)
       dec_hs.append(dec)
     return dec_hs, outs
 
@@ -248,23 +303,25 @@ class ESC(nn.Module):
 
     Args:
       x: (B, L) audio; L must give an even number of time patches divisible by overlap.
-      num_streams: streams transmitted, 1..max_streams. A traced int in training
-        mode (non-transmitted streams are masked); a Python int in eval mode.
-      train: training mode (straight-through estimator, masked streams).
+      num_streams: streams transmitted, 1..max_streams. A Python int in eval mode
+        skips the other streams; a traced int (training, or eval with one program
+        for every bitrate) runs all and masks the non-transmitted ones.
+      train: training mode (straight-through estimator, masked streams, BatchNorm
+        batch statistics: apply with mutable=["batch_stats"] for the convolution backbone).
       freeze_codebook: traced bool (train only); pre-training bypass of all codebooks,
         num_streams forced to max_streams.
     Returns: dict raw_feat, recon_feat (B, 2, F, T), recon_audio (B, L'),
       codes (B, max_streams or num_streams, group_size, W/overlap),
       cm_loss, cb_loss (B,), and `enc_hs`/`dec_hs` token maps for inspection.
     """
-    feat, enc_hs = self._analyse(x)
+    feat, enc_hs = self._analyse(x, train)
     if train:
       num_streams = jnp.where(freeze_codebook, self.max_streams, num_streams)
       stream = lambda i, r: self.quantizers[i](r, True, freeze_codebook)
     else:
       self._check_streams(num_streams)
       stream = lambda i, r: self.quantizers[i](r, False)
-    dec_hs, outs = self.cross_scale(stream, num_streams, enc_hs)
+    dec_hs, outs = self.cross_scale(stream, num_streams, enc_hs, train=train)
     cm = sum(jnp.where(o["on"], o["cm_loss"], 0.0) for o in outs)
     cb = sum(jnp.where(o["on"], o["cb_loss"], 0.0) for o in outs)
     recon_feat, recon_audio = self._synthesise(dec_hs[-1])
@@ -307,22 +364,134 @@ class ESC(nn.Module):
     return jnp.stack([o["codes"] for o in outs], 1), self._synthesise(dec_hs[-1])[1]
 
 
-MODEL_NAMES = ("csvq+swinT",)
+class RVQCodec(CodecBase):
+  """The original's `RVQCodecs` (`rvq+swinT`, `rvq+conv`): the same encoder and
+  decoder as ESC, quantised only at the bottleneck by a product residual VQ
+  (`group_size` product groups, `num_rvqs` residual codebooks each = the streams).
+
+  Field names follow the original constructor; `max_streams` (the number of
+  scales, as in ESC) must equal `num_rvqs` so that every API that counts
+  streams with `max_streams` (training's bitrate sampling, the codec) is right.
+  """
+  in_dim: int = 2
+  in_freq: int = 192
+  h_dims: Sequence[int] = (45, 72, 96, 144, 192, 384)
+  max_streams: int = 6
+  backbone: str = "transformer"  # or "convolution"
+  kernel_size: Sequence[int] = (5, 2)
+  conv_depth: int = 1
+  patch_size: Sequence[int] = (3, 2)
+  swin_heads: Sequence[int] = (3, 6, 12, 24, 24)
+  swin_depth: int = 2
+  window_size: int = 4
+  mlp_ratio: float = 4.0
+  overlap: int = 2
+  num_rvqs: int = 6  # residual depth: the number of streams
+  group_size: int = 3  # product groups: codes per stream per frame
+  codebook_dim: int = 8  # one dimension for every codebook
+  codebook_size: int = 1024
+  l2norm: bool = True
+  win_len: int = 20
+  hop_len: int = 5
+  sr: int = 16000
+  dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
+
+  def setup(self):
+    self._check_config()
+    if self.num_rvqs != self.max_streams:
+      raise ValueError(f"num_rvqs={self.num_rvqs} must equal max_streams={self.max_streams} "
+                       "(the residual depth is the number of streams)")
+    self.encoder, self.decoder = self._backbone()
+    h0 = self.in_freq // self.patch_size[0]
+    self.quantizers = ProductResidualVQ(self.h_dims[-1], h0 // 2 ** (self.max_streams - 1), self.overlap,
+                                        self.group_size, self.num_rvqs, self.codebook_dim,
+                                        self.codebook_size, self.l2norm)
+
+  def _decode_map(self, z_q, train: bool = False):
+    """Bottleneck map -> (decoder maps after every up layer, recon_feat, audio)."""
+    dec_hs = [z_q]
+    for i in range(len(self.h_dims) - 1):
+      dec_hs.append(self.decoder.up(i, dec_hs[-1].astype(self.dtype), train))
+    return (dec_hs, *self._synthesise(dec_hs[-1]))
+
+  def __call__(self, x, num_streams=6, train: bool = False, freeze_codebook=False):
+    """Forward pass of the original `RVQCodecs.forward`; arguments and outputs as `ESC.__call__`.
+
+    Training codes are (B, num_rvqs, group_size, W/overlap) (streams >= num_streams
+    masked); eval codes (B, num_streams, group_size, W/overlap), or all num_rvqs
+    streams' codes when num_streams is traced (as ESC's eval forward).
+    """
+    feat, enc_hs = self._analyse(x, train)
+    if train:
+      q = self.quantizers(enc_hs[-1], num_streams, True, freeze_codebook)
+    else:
+      self._check_streams(num_streams)
+      q = self.quantizers(enc_hs[-1], num_streams, False)
+    dec_hs, recon_feat, recon_audio = self._decode_map(q["z_q"], train)
+    return dict(raw_feat=feat, recon_feat=recon_feat, recon_audio=recon_audio, codes=q["codes"],
+                cm_loss=q["cm_loss"], cb_loss=q["cb_loss"],
+                enc_hs=[_tokens(h) for h in enc_hs], dec_hs=[_tokens(h) for h in dec_hs])
+
+  def encode(self, x, num_streams: int = 6):
+    """(B, L) audio -> int32 codes (B, num_streams, group_size, W/overlap)."""
+    self._check_streams(num_streams)
+    return self.quantizers.encode(self._analyse(x)[1][-1], num_streams)
+
+  def _decode(self, codes):
+    s = codes.shape[1]
+    if not 1 <= s <= self.max_streams:
+      raise ValueError(f"codes carry {s} streams; expected 1..{self.max_streams}")
+    return self._decode_map(self.quantizers.decode(codes))
+
+  def decode_features(self, codes):
+    """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
+    dec_hs, feat, _ = self._decode(codes)
+    return [_tokens(h) for h in dec_hs], feat
+
+  def decode(self, codes):
+    """codes (B, s, group_size, T') -> (B, frames_to_samples(T')) audio."""
+    return self._decode(codes)[2]
+
+  def round_trip(self, x, num_streams):
+    """`encode(x, s)` then `decode` with s traced: one program serves every bitrate.
+
+    Returns (codes (B, max_streams, group_size, W/overlap), audio (B, L')); codes[:, :s]
+    and the audio are bit-identical to `encode` + `decode`.
+    """
+    codes = self.quantizers.encode(self._analyse(x)[1][-1], self.max_streams)
+    return codes, self._decode_map(self.quantizers.decode(codes, num_streams))[2]
 
 
-def make_model(model_config, model_name: str = "csvq+swinT", dtype=jnp.float32) -> ESC:
-  """Build ESC from the original constructor keywords (`config.model` or a release's `model:`)."""
+MODEL_NAMES = ("csvq+swinT", "csvq+conv", "rvq+swinT", "rvq+conv")
+_CLASSES = {"csvq": ESC, "rvq": RVQCodec}
+_BACKBONE_OF = {"swinT": "transformer", "conv": "convolution"}
+_SEQUENCES = ("h_dims", "patch_size", "swin_heads", "codebook_dims", "kernel_size")
+
+
+def make_model(model_config, model_name: str = "csvq+swinT", dtype=jnp.float32) -> ESC | RVQCodec:
+  """Build a codec from the original constructor keywords (`config.model` or a release's `model:`).
+
+  model_name: one of MODEL_NAMES (the original's `make_model` names). Its backbone
+  part fixes `backbone`: a missing keyword takes it, a contradicting one is an error.
+  """
   if model_name not in MODEL_NAMES:
     raise ValueError(f"model_name {model_name!r} is not supported; expected one of {MODEL_NAMES}")
+  quant, arch = model_name.split("+")
+  cls, backbone = _CLASSES[quant], _BACKBONE_OF[arch]
   kw = dict(model_config)
-  fields = set(ESC.__dataclass_fields__) - {"parent", "name", "dtype"}
+  fields = set(cls.__dataclass_fields__) - {"parent", "name", "dtype"}
   unknown = sorted(set(kw) - fields)
   if unknown:
-    raise ValueError(f"unknown ESC model keyword(s) {unknown}; valid: {sorted(fields)}")
-  for k in ("h_dims", "patch_size", "swin_heads", "codebook_dims"):
+    raise ValueError(f"unknown {cls.__name__} model keyword(s) {unknown} for {model_name}; valid: {sorted(fields)}")
+  if kw.setdefault("backbone", backbone) != backbone:
+    raise ValueError(f"model_name {model_name!r} needs backbone={backbone!r}, got {kw['backbone']!r}")
+  if cls is RVQCodec and not isinstance(kw.get("codebook_dim", 8), int):
+    raise ValueError(f"{model_name}: codebook_dim must be one integer (shared by every codebook), "
+                     f"got {kw['codebook_dim']!r}")
+  for k in _SEQUENCES:
     if k in kw:
       kw[k] = tuple(kw[k])
-  return ESC(**kw, dtype=dtype)
+  return cls(**kw, dtype=dtype)
 
 
 def num_params(params) -> int:

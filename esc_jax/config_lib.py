@@ -23,6 +23,22 @@ ESC_BASE = dict(  # configs/9kbps_esc_base.yaml of the original
     overlap=2, group_size=3, codebook_size=1024, codebook_dims=[32, 32, 16, 12, 8, 6],
     l2norm=True)
 
+# configs/ablations/9kbps_*.yaml of the original: the four `make_model` variants at 9 kbps,
+# all with 8-dimensional codebooks (train.py needs BatchNorm support for the convolution ones).
+_ABLATION = dict(
+    in_dim=2, in_freq=192, h_dims=[45, 72, 96, 144, 192, 384], max_streams=6, win_len=20, hop_len=5,
+    sr=16000, patch_size=[3, 2], overlap=2, group_size=3, codebook_size=1024, l2norm=True)
+_SWIN = dict(backbone="transformer", swin_heads=[3, 6, 12, 24, 24], swin_depth=2, window_size=4, mlp_ratio=4.0)
+_CONV = dict(backbone="convolution", kernel_size=[5, 2], conv_depth=1)
+ABLATIONS = {
+    "csvq+swinT": dict(_ABLATION, **_SWIN, codebook_dims=[8] * 6),
+    # The yaml spells this `codebook_dim: [8, ...]`, which the original ESC constructor rejects.
+    "csvq+conv": dict(_ABLATION, **_CONV, codebook_dims=[8] * 6),
+    "rvq+swinT": dict(_ABLATION, **_SWIN, num_rvqs=6, codebook_dim=8),
+    # The yaml lists `codebook_dim: [8] * 6`; RVQCodecs takes one integer.
+    "rvq+conv": dict(_ABLATION, **_CONV, num_rvqs=6, codebook_dim=8),
+}
+
 ESC_TINY = dict(  # the golden fixture's model (tests/fixtures/esc_tiny/config.json)
     ESC_BASE, h_dims=[8, 8, 12, 12, 16, 20], swin_heads=[1, 2, 2, 2, 2], mlp_ratio=2.0,
     codebook_size=64, codebook_dims=[4, 4, 3, 3, 2, 2])
@@ -34,7 +50,7 @@ DISCRIMINATOR = dict(  # the `discriminator:` section of 9kbps_esc_base_adv.yaml
     mpd_channels=[32, 128, 512, 1024, 1024], mrd_channels=32)  # widths of the original (42.5M params)
 
 
-def base_config(model: dict) -> ml_collections.ConfigDict:
+def base_config(model: dict, model_name: str = "csvq+swinT") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
 
@@ -46,7 +62,7 @@ def base_config(model: dict) -> ml_collections.ConfigDict:
   c.data.num_workers = 2  # grain worker processes; 0 = in the main process
   c.data.val_max_files = 0  # 0 = every file of val_dir; N caps validation at the first N files
 
-  c.model_name = "csvq+swinT"
+  c.model_name = model_name  # esc_jax.codec.MODEL_NAMES
   c.model = ml_collections.ConfigDict(dict(model))
 
   c.train = ml_collections.ConfigDict()

@@ -1,10 +1,14 @@
-"""PyTorch state_dict -> Flax params: a mechanical, strict name mapping.
+"""PyTorch state_dict -> Flax variables: a mechanical, strict name mapping.
 
 Torch key `a.b.3.c.weight` names the Flax module path `a/b_3/c`; the leaf
 depends on the Flax module found there: `kernel` (Linear weights transposed,
-Conv2d (out, in, kh, kw) -> (kh, kw, in, out)), `scale` (LayerNorm) or
-`embedding` (nn.Embedding). Both key layouts of the released checkpoints are
-accepted (first release: `pre_swin`/`post_swin`, `vqs.{m}.proj_down`/`proj_up`).
+Conv2d (out, in, kh, kw) and ConvTranspose2d (in, out, kh, kw) both
+transposed (2, 3, 1, 0)), `scale` (LayerNorm, BatchNorm), `embedding`
+(nn.Embedding) or `negative_slope` (PReLU). BatchNorm buffers `running_mean`
+/ `running_var` go to the "batch_stats" collection as `mean` / `var`
+(`num_batches_tracked` is not needed). Both key layouts of the released
+checkpoints are accepted (first release: `pre_swin`/`post_swin`,
+`vqs.{m}.proj_down`/`proj_up`).
 """
 from __future__ import annotations
 
@@ -60,85 +64,132 @@ def _convert_leaf(key: str, leaf: str, module: Mapping[str, Any], value: np.ndar
       if value.ndim == 4:
         return "kernel", value.transpose(2, 3, 1, 0)
       raise ConversionError(f"{key}: unexpected weight rank {value.ndim}")
-    for name in ("scale", "embedding"):
+    for name in ("scale", "embedding", "negative_slope"):
       if name in module:
         return name, value
     raise ConversionError(f"{key}: no Flax weight at {'/'.join(flax_path(key)[:-1])}")
   return leaf, value
 
 
-def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict:
-  """Map a torch state dict onto a Flax params tree of the same model.
+# BatchNorm buffers: torch leaf -> leaf in the "batch_stats" collection.
+_STATS = {"running_mean": "mean", "running_var": "var"}
+
+
+def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict:
+  """Map a torch state dict onto Flax variables {"params": ..., "batch_stats": ...}.
 
   Args:
-    state_dict: torch name -> array (either release layout; buffers ignored).
-    template: the model's params (e.g. from `init` or `jax.eval_shape`); only
-      its structure and shapes are used.
-  Returns: a new params tree of float32 numpy arrays.
+    state_dict: torch name -> array (either release layout; derived buffers and
+      BatchNorm `num_batches_tracked` ignored).
+    template: the model's variables (e.g. `jax.eval_shape(model.init, ...)`);
+      only structure and shapes are used. "batch_stats" exists for the
+      convolution backbone only.
+  Returns: a new variables tree (the template's collections) of float32 numpy arrays.
   Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key.
   """
-  return _map_strict(state_dict, template, _convert_leaf, skip=is_derived, rename=canonical_key)
+  template = {c: template[c] for c in ("params", "batch_stats") if c in template}
+  params_t, stats_t = template["params"], template.get("batch_stats", {})
+
+  def locate(key, value):
+    path = flax_path(canonical_key(key))
+    if path[-1] == "num_batches_tracked" and _subtree(stats_t, path[:-1]) is not None:
+      return None  # PyTorch's counter; momentum 0.1 does not use it
+    if path[-1] in _STATS:
+      if _subtree(stats_t, path[:-1]) is None:
+        raise ConversionError(f"unexpected key {key!r}: the model has no BatchNorm at {'/'.join(path[:-1])}")
+      return ("batch_stats",) + path[:-1] + (_STATS[path[-1]],), value
+    module = _subtree(params_t, path[:-1])
+    if module is None:
+      raise ConversionError(f"unexpected key {key!r}: the model has no module {'/'.join(path[:-1])}")
+    leaf, arr = _convert_leaf(key, path[-1], module, value)
+    return ("params",) + path[:-1] + (leaf,), arr
+
+  return _map_strict(state_dict, template, locate, skip=is_derived, torch_name=lambda p: _torch_name(p[1:], p[0]))
 
 
-def _map_strict(state_dict, template, convert_leaf, skip=lambda key: False, rename=lambda key: key,
-                torch_name=None) -> dict:
-  """The strict mapping loop: every template leaf filled exactly once with its shape.
+def _map_strict(state_dict, template, locate, skip=lambda key: False, torch_name=None) -> dict:
+  """The strict mapping loop: every leaf of `template` ({collection: tree}) filled exactly once.
 
-  `convert_leaf(key, leaf, module, value)` returns (Flax leaf name, array in Flax layout).
+  `locate(key, value)` returns (full path, collection first; array in Flax layout),
+  or None for a key to ignore; `torch_name(full path)` names a missing leaf.
   """
-  torch_name = torch_name or _torch_name
   flat_template = _flatten(template)
   filled: dict[tuple[str, ...], np.ndarray] = {}
   source: dict[tuple[str, ...], str] = {}
   for key, value in state_dict.items():
     if skip(key):
       continue
-    path = flax_path(rename(key))
-    module = _subtree(template, path[:-1])
-    if module is None:
-      raise ConversionError(f"unexpected key {key!r}: the model has no module {'/'.join(path[:-1])}")
-    leaf, arr = convert_leaf(key, path[-1], module, np.asarray(value))
-    full = path[:-1] + (leaf,)
+    found = locate(key, np.asarray(value))
+    if found is None:
+      continue
+    full, arr = found
+    where = "/".join(full[1:])
     if full not in flat_template:
-      raise ConversionError(f"unexpected key {key!r}: the model has no parameter {'/'.join(full)}")
+      raise ConversionError(f"unexpected key {key!r}: the model has no {full[0]} entry {where}")
     if full in filled:
-      raise ConversionError(f"key {key!r} fills {'/'.join(full)} already filled by {source[full]!r}")
+      raise ConversionError(f"key {key!r} fills {where} already filled by {source[full]!r}")
     want = tuple(flat_template[full].shape)
     if tuple(arr.shape) != want:
       raise ConversionError(f"shape mismatch for {key!r}: checkpoint {tuple(np.shape(value))} "
-                            f"(as {tuple(arr.shape)} in Flax layout) vs model {want} at {'/'.join(full)}")
+                            f"(as {tuple(arr.shape)} in Flax layout) vs model {want} at {where}")
     filled[full] = np.ascontiguousarray(arr, dtype=np.float32)
     source[full] = key
   missing = [p for p in flat_template if p not in filled]
   if missing:
     raise ConversionError(f"missing key(s) in checkpoint: {', '.join(torch_name(p) for p in missing[:5])}"
                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-  return _unflatten(filled)
+  out = _unflatten(filled)
+  return {col: out.get(col, {}) for col in template}
+
+
+def state_dict_to_params(state_dict: Mapping[str, np.ndarray], template: Mapping[str, Any]) -> dict:
+  """Map a torch state dict onto a Flax params tree of a model without BatchNorm.
+
+  Args:
+    state_dict: torch name -> array (either release layout; buffers ignored).
+    template: the model's params (e.g. from `init` or `jax.eval_shape`); only
+      its structure and shapes are used.
+  Returns: a new params tree of float32 numpy arrays.
+  Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key
+    (BatchNorm running statistics need `state_dict_to_variables`).
+  """
+  stats = next((k for k in state_dict if k.rsplit(".", 1)[-1] in _STATS), None)
+  if stats is not None:
+    raise ConversionError(f"{stats!r} is a BatchNorm statistic: convert a convolution-backbone "
+                          "model with state_dict_to_variables")
+  return state_dict_to_variables(state_dict, {"params": template})["params"]
 
 
 def params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
   """Inverse mapping (Flax params -> torch names and layouts); handy for export and tests."""
+  return variables_to_state_dict({"params": params})
+
+
+def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """Inverse of `state_dict_to_variables` ("params" and "batch_stats"; no derived buffers)."""
   out = {}
-  for path, value in _flatten(params).items():
-    value = np.asarray(value)
-    leaf = path[-1]
-    if leaf == "kernel":
-      value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
-    out[_torch_name(path)] = value
+  for col in ("params", "batch_stats"):
+    for path, value in _flatten(variables.get(col, {})).items():
+      value = np.asarray(value)
+      if path[-1] == "kernel":
+        value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+      out[_torch_name(path, col)] = value
   return out
 
 
 # Module lists of the original (`nn.ModuleList` attributes): `name_i` <-> `name.i`.
-_LISTS = ("blocks", "swint_blocks", "quantizers", "vqs", "down_projs", "up_projs")
+_LISTS = ("blocks", "block", "swint_blocks", "quantizers", "vqs", "down_projs", "up_projs")
+_TORCH_LEAF = {"params": {"kernel": "weight", "scale": "weight", "embedding": "weight", "negative_slope": "weight"},
+               "batch_stats": {v: k for k, v in _STATS.items()}}
 
 
-def _torch_name(path: tuple[str, ...]) -> str:
+def _torch_name(path: tuple[str, ...], collection: str = "params") -> str:
   parts = []
   for p in path[:-1]:
     m = re.fullmatch(r"(.*)_(\d+)", p)
     parts.extend([m.group(1), m.group(2)] if m and m.group(1) in _LISTS else [p])
   leaf = path[-1]
-  parts.append({"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf))
+  parts.append(_TORCH_LEAF[collection].get(leaf, leaf))
   return ".".join(parts)
 
 
@@ -188,8 +239,16 @@ def discriminator_state_dict_to_params(state_dict: Mapping[str, np.ndarray],
   Returns: a new params tree of float32 numpy arrays.
   Raises: ConversionError for a missing, unexpected, duplicated or mis-shaped key.
   """
-  return _map_strict(state_dict, template, _convert_disc_leaf, rename=_disc_canonical_key,
-                     torch_name=discriminator_torch_name)
+  def locate(key, value):
+    path = flax_path(_disc_canonical_key(key))
+    module = _subtree(template, path[:-1])
+    if module is None:
+      raise ConversionError(f"unexpected key {key!r}: the model has no module {'/'.join(path[:-1])}")
+    leaf, arr = _convert_disc_leaf(key, path[-1], module, value)
+    return ("params",) + path[:-1] + (leaf,), arr
+
+  return _map_strict(state_dict, {"params": template}, locate,
+                     torch_name=lambda p: discriminator_torch_name(p[1:]))["params"]
 
 
 def discriminator_params_to_state_dict(params: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -278,7 +337,7 @@ def convert_checkpoint(checkpoint, output, config=None, overwrite: bool = False)
     config: release `config.yaml` or JSON/YAML keywords; default `config.yaml` beside
       the checkpoint.
     overwrite: replace an existing `output`.
-  Returns: (output path, number of parameters).
+  Returns: (output path, number of parameters; BatchNorm statistics not counted).
   """
   from esc_jax.checkpoint import model_template, save_codec
   from esc_jax.codec import make_model
@@ -295,15 +354,15 @@ def convert_checkpoint(checkpoint, output, config=None, overwrite: bool = False)
   model_cfg, model_name = read_model_config(config)
   try:
     model = make_model(model_cfg, model_name)
-    template = model_template(model)["params"]
+    template = model_template(model)
   except (TypeError, ValueError) as e:
     raise ConversionError(f"{config}: invalid model config ({e})") from None
   state_dict = unwrap_state_dict(load_pth(checkpoint), str(checkpoint))
   try:
-    params = state_dict_to_params(state_dict, template)
+    variables = state_dict_to_variables(state_dict, template)
   except ConversionError as e:
     raise ConversionError(f"{checkpoint} does not fit the model of {config}: {e}") from None
   extra = {"source": {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint),
                       "config": pathlib.Path(config).name}}
-  save_codec(output, params, model_cfg, model_name, extra=extra, overwrite=overwrite)
-  return output, sum(int(v.size) for v in _flatten(params).values())
+  save_codec(output, variables, model_cfg, model_name, extra=extra, overwrite=overwrite)
+  return output, sum(int(v.size) for v in _flatten(variables["params"]).values())

@@ -1,9 +1,12 @@
-"""Vector quantisation: L2-normalised codebooks and ESC's product VQ.
+"""Vector quantisation: L2-normalised codebooks, ESC's product VQ and the
+product residual VQ of the `rvq+*` ablation codecs.
 
 A product VQ quantises a (B, H, W, C) map as W/overlap vectors of
 overlap*C*H features (channel-major, `c*H + h`), split into `num_vqs`
 contiguous groups, each down-projected, looked up in its own codebook and
-projected back up.
+projected back up. The product residual VQ splits the same vectors into
+groups, and quantises each group's down-projection with a residual stack of
+codebooks (one per stream).
 """
 from __future__ import annotations
 
@@ -155,3 +158,136 @@ class ProductVQ(nn.Module):
     z = jnp.concatenate([up(vq.decode(codes[:, m])) for m, (up, vq) in
                          enumerate(zip(self.up_projs, self.vqs))], -1)
     return from_vectors(z, self.in_freq, self.in_dim, self.overlap)
+
+
+class ResidualVQ(nn.Module):
+  """The original's `ResidualVectorQuantize` (one product group of `ProductResidualVQ`).
+
+  Projects (B, T, hidden_dim) down to codebook_dim once (unless equal), then
+  codebook i quantises what codebooks 0..i-1 left over.
+  """
+  hidden_dim: int
+  num_vqs: int = 6  # residual depth = number of streams
+  codebook_dim: int = 8
+  codebook_size: int = 1024
+  l2norm: bool = True
+
+  def setup(self):
+    if self.hidden_dim != self.codebook_dim:
+      self.proj_down = Linear(self.codebook_dim, self.hidden_dim, use_bias=False)
+      self.proj_up = Linear(self.hidden_dim, self.codebook_dim, use_bias=False)
+    self.vqs = [Codebook(self.codebook_dim, self.codebook_size, self.l2norm) for _ in range(self.num_vqs)]
+
+  def down(self, z):
+    return self.proj_down(z) if self.hidden_dim != self.codebook_dim else z
+
+  def up(self, z):
+    return self.proj_up(z) if self.hidden_dim != self.codebook_dim else z
+
+  def __call__(self, z, num_streams, train: bool = False):
+    """Residual quantisation of the down-projected z (B, T, codebook_dim).
+
+    Eval with a Python int: codebooks >= num_streams are skipped. Otherwise
+    (training, or a traced num_streams) all run, and the quantised residuals
+    and losses of codebooks >= num_streams are multiplied by 0 (equal values),
+    their codes still emitted.
+    Returns (z_q (B, T, codebook_dim), codes (B, depth, T), cm (B,), cb (B,)),
+    losses summed over the codebooks.
+    """
+    static = isinstance(num_streams, int)
+    z_q, codes, cm, cb = 0.0, [], 0.0, 0.0
+    residual = z
+    for i, vq in enumerate(self.vqs):
+      if static and not train and i >= num_streams:
+        break
+      z_q_i, code, cm_i, cb_i = vq(residual, train)
+      residual = residual - z_q_i  # with the straight-through z_q_i, as in the original
+      if train or not static:
+        on = jnp.asarray(i < num_streams, jnp.float32)
+        z_q_i, cm_i, cb_i = z_q_i * on, cm_i * on, cb_i * on
+      z_q = z_q + z_q_i
+      codes.append(code)
+      cm, cb = cm + cm_i, cb + cb_i
+    return z_q, jnp.stack(codes, 1), cm, cb
+
+  def encode(self, z, num_streams: int):
+    """Down-projected z (B, T, codebook_dim) -> int32 codes (B, num_streams, T)."""
+    codes, residual = [], z
+    for vq in self.vqs[:num_streams]:
+      codes.append(vq.encode(residual))
+      residual = residual - vq.decode(codes[-1])
+    return jnp.stack(codes, 1)
+
+  def decode(self, codes, num_streams=None):
+    """codes (B, s, T) -> sum of the first s codebook rows (B, T, codebook_dim).
+
+    num_streams: None (s = all given), or a traced int: rows of codes >= it are
+    left out through `jnp.where`, with values equal to the Python-int path.
+    """
+    z_q = 0.0
+    for i in range(codes.shape[1]):
+      z_i = z_q + self.vqs[i].decode(codes[:, i])
+      z_q = z_i if num_streams is None else jnp.where(i < num_streams, z_i, z_q)
+    return z_q
+
+
+class ProductResidualVQ(nn.Module):
+  """The original's `ProductResidualVectorQuantize` on (B, H, W, C) maps (H = in_freq, C = in_dim).
+
+  Codes are (B, streams, num_pvqs, W/overlap): residual depth on axis 1.
+  """
+  in_dim: int
+  in_freq: int
+  overlap: int = 2
+  num_pvqs: int = 3
+  num_rvqs: int = 6
+  codebook_dim: int = 8
+  codebook_size: int = 1024
+  l2norm: bool = True
+
+  def setup(self):
+    self.vq_dims = split_dimension(self.overlap * self.in_freq * self.in_dim, self.num_pvqs)
+    self.vqs = [ResidualVQ(d, self.num_rvqs, self.codebook_dim, self.codebook_size, self.l2norm)
+                for d in self.vq_dims]
+
+  def _groups(self, x):
+    if x.shape[1] != self.in_freq or x.shape[3] != self.in_dim:
+      raise ValueError(f"quantizer expects (B, {self.in_freq}, W, {self.in_dim}), got {x.shape}")
+    z = to_vectors(x, self.overlap)
+    bounds = np.cumsum([0] + list(self.vq_dims))
+    return [z[..., bounds[m]:bounds[m + 1]] for m in range(self.num_pvqs)]
+
+  def _map(self, parts):
+    return from_vectors(jnp.concatenate(parts, -1), self.in_freq, self.in_dim, self.overlap)
+
+  def __call__(self, x, num_streams, train: bool = False, freeze=False):
+    """Quantise x (B, H, W, C) with `num_streams` residual codebooks per group.
+
+    freeze: (traced) bool, train only; pre-training bypass: each group's output
+      is up(down(z)) and both losses are 0 (codes are still computed).
+    Returns dict z_q (B, H, W, C), codes (B, depth, num_pvqs, W/overlap) int32 with
+      depth = num_rvqs in training and num_streams in eval, cm_loss, cb_loss (B,)
+      averaged over groups.
+    """
+    outs, codes, cm, cb = [], [], 0.0, 0.0
+    for z_m, rvq in zip(self._groups(x), self.vqs):
+      z_e = rvq.down(z_m)
+      z_q, code, cm_m, cb_m = rvq(z_e, num_streams, train)
+      if train:
+        keep = 1.0 - jnp.asarray(freeze, jnp.float32)
+        z_q = jnp.where(freeze, z_e, z_q)
+        cm_m, cb_m = cm_m * keep, cb_m * keep
+      outs.append(rvq.up(z_q))
+      codes.append(code)
+      cm, cb = cm + cm_m, cb + cb_m
+    return dict(z_q=self._map(outs), codes=jnp.stack(codes, 2), cm_loss=cm / self.num_pvqs,
+                cb_loss=cb / self.num_pvqs)
+
+  def encode(self, x, num_streams: int):
+    """(B, H, W, C) -> int32 codes (B, num_streams, num_pvqs, W/overlap)."""
+    return jnp.stack([rvq.encode(rvq.down(z_m), num_streams)
+                      for z_m, rvq in zip(self._groups(x), self.vqs)], 2)
+
+  def decode(self, codes, num_streams=None):
+    """int codes (B, s, num_pvqs, T') -> (B, H, 2T', C); num_streams: see `ResidualVQ.decode`."""
+    return self._map([rvq.up(rvq.decode(codes[:, :, m], num_streams)) for m, rvq in enumerate(self.vqs)])

@@ -12,7 +12,6 @@ import jax.numpy as jnp  # noqa: E402
 import librosa  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import soundfile as sf  # noqa: E402
 
 from esc_jax import audio, audio_io, losses, metrics  # noqa: E402
 

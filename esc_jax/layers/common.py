@@ -84,6 +84,17 @@ def conv2d(x, kernel, bias=None, padding=((0, 0), (0, 0))):
   return y if bias is None else y + bias.astype(y.dtype)
 
 
+class LayerNormParams(nn.Module):
+  """The parameters of `LayerNorm(C)` (scale, bias) without applying it: the original's
+  convolution backbone builds PatchEmbed's norm, never uses it, and saves it."""
+  features: int
+
+  @nn.compact
+  def __call__(self):
+    return (self.param("scale", nn.initializers.ones, (self.features,), jnp.float32),
+            self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
+
+
 def LayerNorm(name: str | None = None, dtype=jnp.float32) -> nn.LayerNorm:
   """`torch.nn.LayerNorm(C)` (eps 1e-5, statistics in float32)."""
   return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)

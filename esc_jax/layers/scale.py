@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 import numpy as np
 
-from esc_jax.layers.common import Conv2d, ConvParams, LayerNorm, Linear, conv2d
+from esc_jax.layers.common import Conv2d, ConvParams, LayerNorm, LayerNormParams, Linear, conv2d
 
 
 def pixel_shuffle(x, factor: tuple[int, int]):
@@ -32,6 +32,8 @@ class PatchEmbed(nn.Module):
   """Conv2d(in_chans -> embed_dim, kernel = stride = patch) then LayerNorm.
 
   (B, F, T, in_chans) -> (B, F//p0, T//p1, embed_dim); a trailing odd frame is dropped.
+  With norm=False (convolution backbone) the LayerNorm is skipped but its
+  parameters exist, as in the original's checkpoints.
   """
   in_chans: int
   embed_dim: int
@@ -43,7 +45,10 @@ class PatchEmbed(nn.Module):
   def __call__(self, x):
     p = tuple(self.patch_size)
     x = Conv2d(self.embed_dim, self.in_chans, p, stride=p, dtype=self.dtype, name="proj")(x)
-    return LayerNorm(name="norm")(x) if self.norm else x
+    if self.norm:
+      return LayerNorm(name="norm")(x)
+    LayerNormParams(self.embed_dim, name="norm")()
+    return x
 
 
 class PatchDeEmbed(nn.Module):
