@@ -105,6 +105,7 @@ class TrainState:
   opt_state: Any
   disc_params: Any = None  # the discriminator of the adversarial recipe (None otherwise)
   disc_opt_state: Any = None
+  batch_stats: Any = None  # BatchNorm running statistics of the convolution variants (None otherwise)
 
 
 def sample_num_streams(key, quant_dropout: float, max_streams: int) -> jnp.ndarray:
@@ -114,21 +115,29 @@ def sample_num_streams(key, quant_dropout: float, max_streams: int) -> jnp.ndarr
   return jnp.where(jax.random.bernoulli(k_do, quant_dropout), drawn, jnp.int32(max_streams))
 
 
-def loss_and_grads(model, params, batch, num_streams, freeze, loss_weights=None, disc=None, disc_params=None):
-  """Generator loss and its gradient: ((loss, (terms, recon)), grads).
+def loss_and_grads(model, params, batch, num_streams, freeze, loss_weights=None, disc=None, disc_params=None,
+                   batch_stats=None):
+  """Generator loss and its gradient: ((loss, aux), grads).
 
   Args:
     batch: (B, L) float32 audio of a valid length.
     num_streams: int32 scalar (traced); freeze: bool scalar (traced pre-training flag).
     loss_weights: the `loss` weights (config.loss).
     disc, disc_params: the discriminator of the adversarial recipe, or None.
-  Returns: scalar loss, (dict of per-item terms (B,), reconstruction (B, L)),
+    batch_stats: BatchNorm statistics (convolution variants), or None.
+  Returns: scalar loss; aux = dict(terms: per-item terms (B,), recon: the
+    reconstruction (B, L), batch_stats: the updated statistics or None);
     grads shaped like params.
   """
   w = dict(DEFAULT_WEIGHTS, **(loss_weights or {}))
 
   def fn(p):
-    out = model.apply({"params": p}, batch, num_streams, train=True, freeze_codebook=freeze)
+    if batch_stats is None:
+      out, new_stats = model.apply({"params": p}, batch, num_streams, train=True, freeze_codebook=freeze), None
+    else:  # batch statistics of the (global) batch; running statistics updated (momentum 0.1)
+      out, upd = model.apply({"params": p, "batch_stats": batch_stats}, batch, num_streams, train=True,
+                             freeze_codebook=freeze, mutable=["batch_stats"])
+      new_stats = upd["batch_stats"]
     loss, terms = codec_loss(out, batch, w)
     recon = out["recon_audio"]
     if disc is not None:  # adversarial terms after pre-training only
@@ -137,7 +146,7 @@ def loss_and_grads(model, params, batch, num_streams, freeze, loss_weights=None,
                          lambda: generator_adv_terms(disc, disc_params, batch, recon))
       loss = loss + jnp.mean(w["gen_weight"] * adv["gen_loss"] + w["feat_weight"] * adv["feat_loss"])
       terms = {**terms, **adv}
-    return loss, (terms, recon)
+    return loss, dict(terms=terms, recon=recon, batch_stats=new_stats)
   return jax.value_and_grad(fn, has_aux=True)(params)
 
 
@@ -175,8 +184,9 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, config, d
     freeze = step < pretrain
     num_streams = sample_num_streams(jax.random.fold_in(base_key, step), p_drop, max_s)
     num_streams = jnp.where(freeze, jnp.int32(max_s), num_streams)
-    (loss, (terms, recon)), grads = loss_and_grads(model, state.params, batch, num_streams, freeze, weights,
-                                                   disc, state.disc_params)
+    (loss, aux), grads = loss_and_grads(model, state.params, batch, num_streams, freeze, weights,
+                                        disc, state.disc_params, state.batch_stats)
+    terms, recon = aux["terms"], aux["recon"]
     opt_state = state.opt_state
     if pretrain > 0:  # the original renews its optimizer before step pretrain + 1
       fresh = tx.init(state.params)
@@ -184,7 +194,7 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, config, d
     params, opt_state = _apply(tx, schedule, step, grads, opt_state, state.params)
     out = dict(loss=loss, grad_norm=optax.tree.norm(grads), lr=schedule(step), num_streams=num_streams,
                pretrain=freeze.astype(jnp.int32), **{k: jnp.mean(v) for k, v in terms.items()})
-    new = TrainState(step + 1, params, opt_state)
+    new = TrainState(step + 1, params, opt_state, batch_stats=aux["batch_stats"])
     if disc is not None:
       d_params, d_opt, out["disc_loss"], out["disc_grad_norm"] = disc_step(state, batch, recon, freeze)
       new = new.replace(disc_params=d_params, disc_opt_state=d_opt)
@@ -206,7 +216,7 @@ class Program:
   tx: optax.GradientTransformation
   mesh: Mesh
   step: Any  # compiled (state, global batch) -> (state, metrics); donates the state
-  init_params: Callable  # jitted key -> params
+  init_variables: Callable  # jitted key -> model variables {"params", maybe "batch_stats"}
   abstract_state: TrainState  # shapes, dtypes and shardings of the state
   compile_s: float  # seconds spent compiling the step (little when loaded from the persistent cache)
   disc: Any = None  # the discriminator (adversarial recipe) or None
@@ -257,11 +267,13 @@ def build(config, devices=None) -> Program:
   x0 = jnp.zeros((1, length), jnp.float32)
   key0 = jax.random.key(0, impl="unsafe_rbg")
 
-  def init_params(key):
-    return model.init(key, x0)["params"]
+  def init_variables(key):
+    return model.init(key, x0)
 
-  params = jax.eval_shape(init_params, key0)
-  shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params))
+  variables = jax.eval_shape(init_variables, key0)
+  params = variables["params"]
+  shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params),
+                      batch_stats=variables.get("batch_stats"))
   disc = disc_tx = disc_schedule = init_disc = None
   if "discriminator" in config:
     try:
@@ -279,21 +291,23 @@ def build(config, devices=None) -> Program:
   step = jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
                  in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch).compile()
   compile_s = time.perf_counter() - t
-  return Program(config, model, tx, mesh, step, jax.jit(init_params, out_shardings=rep), abstract, compile_s,
+  return Program(config, model, tx, mesh, step, jax.jit(init_variables, out_shardings=rep), abstract, compile_s,
                  disc, disc_tx, None if disc is None else jax.jit(init_disc, out_shardings=rep))
 
 
-def init_state(program: Program, params=None) -> TrainState:
-  """Step 0: fresh params from config.seed (or the given `params`) and a fresh optimizer
-  (and a fresh discriminator, from the seed too, in the adversarial recipe)."""
+def init_state(program: Program, variables=None) -> TrainState:
+  """Step 0: fresh model variables from config.seed (or the given `variables`:
+  {"params", maybe "batch_stats"}) and a fresh optimizer (and a fresh
+  discriminator, from the seed too, in the adversarial recipe)."""
   # The XLA RngBitGenerator compiles ~3x faster than threefry on CPU for the
   # hundreds of initialisers; init values are reproducible per platform.
   key = jax.random.key(int(program.config.seed), impl="unsafe_rbg")
-  if params is None:
-    params = program.init_params(key)
-  params = jax.device_put(params, program.replicated)
+  if variables is None:
+    variables = program.init_variables(key)
+  variables = jax.device_put(dict(variables), program.replicated)
+  params = variables["params"]
   init_opt = lambda tx, p: jax.jit(tx.init, out_shardings=program.replicated)(p)  # noqa: E731
-  state = TrainState(jnp.int32(0), params, init_opt(program.tx, params))
+  state = TrainState(jnp.int32(0), params, init_opt(program.tx, params), batch_stats=variables.get("batch_stats"))
   if program.adversarial:
     d_params = program.init_disc_params(jax.random.fold_in(key, 1))
     state = state.replace(disc_params=d_params, disc_opt_state=init_opt(program.disc_tx, d_params))
@@ -307,10 +321,13 @@ def global_batch(program: Program, local: np.ndarray) -> jax.Array:
   return jax.make_array_from_process_local_data(program.batch_sharding, local, shape)
 
 
-def host_params(state: TrainState):
-  """Replicated params -> numpy (this process's copy): topology-free, loadable anywhere."""
-  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a),
-                      state.params)
+def host_variables(state: TrainState) -> dict:
+  """The model's variables ({"params", maybe "batch_stats"}) as numpy (this process's copy of
+  the replicated arrays): topology-free, loadable anywhere."""
+  tree = {"params": state.params}
+  if state.batch_stats is not None:
+    tree["batch_stats"] = state.batch_stats
+  return jax.tree.map(lambda a: np.asarray(a.addressable_data(0) if isinstance(a, jax.Array) else a), tree)
 
 
 # ---------------------------------------------------------------------------
@@ -324,7 +341,7 @@ def save(mngr, state: TrainState, config, data_iter=None, val_metrics=None) -> N
   meta = dict(step=step, seed=int(config.seed), process_count=jax.process_count(),
               num_workers=int(config.data.num_workers),
               data_state=data_iter.get_state() if hasattr(data_iter, "get_state") else None)
-  items = {ckpt.PARAMS_ITEM: host_params(state), "opt_state": state.opt_state}
+  items = {**host_variables(state), "opt_state": state.opt_state}
   if state.disc_params is not None:
     items.update(disc_params=state.disc_params, disc_opt_state=state.disc_opt_state)
   ckpt.save_step(mngr, step, items, meta, val_metrics)
@@ -337,6 +354,8 @@ def restore(mngr, program: Program, config, data_iter=None) -> TrainState | None
     return None
   a = program.abstract_state
   targets = {ckpt.PARAMS_ITEM: a.params, "opt_state": a.opt_state}
+  if a.batch_stats is not None:
+    targets["batch_stats"] = a.batch_stats
   if program.adversarial:
     targets.update(disc_params=a.disc_params, disc_opt_state=a.disc_opt_state)
   items, meta = ckpt.restore_step(mngr, step, targets)
@@ -351,19 +370,19 @@ def restore(mngr, program: Program, config, data_iter=None) -> TrainState | None
                         f"resume with --config.data.num_workers={meta.get('num_workers')}")
     data_iter.set_state(meta["data_state"])
   return TrainState(jnp.int32(meta["step"]), items[ckpt.PARAMS_ITEM], items["opt_state"],
-                    items.get("disc_params"), items.get("disc_opt_state"))
+                    items.get("disc_params"), items.get("disc_opt_state"), items.get("batch_stats"))
 
 
 def init_from(program: Program, directory) -> TrainState:
-  """Step 0 from a codec directory's params (converted release or own run), fresh optimizer."""
+  """Step 0 from a codec directory's variables (converted release or own run), fresh optimizer."""
   c = program.config
   if not pathlib.Path(directory).is_dir():
     raise ConfigError(f"train.init_from {directory}: no such codec directory")
   if not _same_model(ckpt.read_codec_config(directory), c):
     raise ConfigError(f"train.init_from {directory} holds a different model than config.model")
-  params = ckpt.restore_params(directory, program.model)
+  variables = ckpt.restore_variables(directory, program.model)
   logging.info("initialised from %s", directory)
-  return init_state(program, params)
+  return init_state(program, variables)
 
 
 def _same_model(codec_config: dict, config) -> bool:
@@ -434,7 +453,8 @@ def validate(program: Program, config, state: TrainState, clips) -> dict[str, fl
   and clip shape, so repeated validations do not recompile.
   """
   c = config
-  codec = Codec(program.model, host_params(state))
+  variables = host_variables(state)
+  codec = Codec(program.model, variables.pop("params"), state=variables)
   r = evaluation.evaluate(codec, clips, num_streams=int(c.eval.num_streams), batch_size=int(c.eval.batch_size),
                           metrics=VAL_METRICS, fit="crop", progress=False)["bitrates"][0]
   return {**{m: r["mean"][m] for m in VAL_METRICS}, "utilization": r["utilization_exact"]}
