@@ -11,6 +11,10 @@ import tempfile
 # cache for the session (fresh per run), so an XLA program that several tests or
 # subprocesses build (e.g. the tiny codec's encode) is compiled once.
 os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"
+# The suite is dominated by compiling small programs: LLVM optimisation level 0
+# cuts CPU compile time by about a third (test_codec: 208 -> 142 CPU-s). XLA's
+# HLO passes, and so the numerics every tolerance is about, are unchanged.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="esc_jax_xla_cache_"))
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"

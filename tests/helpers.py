@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import pathlib
 import pickle
 import zipfile
@@ -92,3 +93,9 @@ def assert_trees_close(a, b, rtol=0.0, atol=0.0):
   for (k, x), y in zip(flat_a, flat_b):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
                                err_msg=jax.tree_util.keystr(k))
+
+
+def two_device_env(**extra) -> dict:
+  """Environment for a subprocess with 2 forced CPU devices (the suite's XLA flags kept)."""
+  flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip()
+  return {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu", **extra}

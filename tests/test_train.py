@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from esc_jax import checkpoint as ckpt
 from esc_jax import losses, train_lib
 from esc_jax.checkpoint import restore_params
 from esc_jax.codec import make_model
-from helpers import assert_trees_close
+from helpers import assert_trees_close, two_device_env
 
 ROOT = pathlib.Path(__file__).absolute().parents[1]
 # The test recipe: configs/smoke.py plus these overrides (also passed to train.py).
@@ -63,8 +62,7 @@ def program():
 def two_device_run(tmp_path_factory):
   """train.py for one step on 2 forced host devices, started early (it compiles alongside run_a)."""
   wd = tmp_path_factory.mktemp("two_devices")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             JAX_DEFAULT_MATMUL_PRECISION="highest")
+  env = two_device_env(JAX_DEFAULT_MATMUL_PRECISION="highest")
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.num_steps": 1}.items()]
   log = open(wd.parent / f"{wd.name}.log", "w+")  # a file, not a pipe: it can never fill up
   proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'smoke.py'}",

@@ -5,7 +5,6 @@ used, over the global batch when it is sharded.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from esc_jax.__main__ import main as cli
 from esc_jax.config_lib import base_config, smoke
 from esc_jax.convert import convert_checkpoint
 from esc_jax.metrics import si_sdr
+from helpers import two_device_env
 
 ROOT = pathlib.Path(__file__).absolute().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "variants"
@@ -96,8 +96,7 @@ print("ok")
 
 def test_batchnorm_statistics_of_the_global_batch_in_training():
   """One train step with the batch sharded over 2 devices updates BatchNorm from the whole batch."""
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-         "PYTHONPATH": str(ROOT)}
+  env = two_device_env(PYTHONPATH=str(ROOT))
   res = subprocess.run([sys.executable, "-c", _GLOBAL_BN], capture_output=True, text=True, env=env, cwd=ROOT,
                        timeout=900)
   assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]

@@ -25,11 +25,12 @@ import pytest
 from esc_jax import losses
 from esc_jax.codec import ESC, CodecBase, RVQCodec, make_model
 from esc_jax.config_lib import ABLATIONS
-from esc_jax.convert import (ConversionError, convert_checkpoint, is_derived, state_dict_to_params,
+from esc_jax.convert import (ConversionError, is_derived, state_dict_to_params,
                              state_dict_to_variables, unwrap_state_dict, variables_to_state_dict)
 from esc_jax.layers.conv import BatchNorm2d, ConvolutionLayer
 from esc_jax.objective import codec_loss
 from esc_jax.torch_pickle import load_pth
+from helpers import two_device_env
 
 ROOT = pathlib.Path(__file__).parent.parent
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "variants"
@@ -367,8 +368,7 @@ print("ok")
 
 def test_batchnorm_statistics_are_global_under_sharding():
   """A batch sharded over two devices gives the statistics of the whole batch."""
-  env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+  env = two_device_env(PYTHONPATH=str(ROOT))
   res = subprocess.run([sys.executable, "-c", _SHARDED_BN], capture_output=True, text=True, env=env, cwd=ROOT)
   assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
