@@ -803,7 +803,8 @@ class StreamReader:
     self._fill(4)
     if not self._buf:
       self._state = "done"
-      self._problem("truncated", f"truncated stream: it ends after segment {k - 1} without a trailer "
+      where = f"segment {k - 1}" if k else "the header"
+      self._problem("truncated", f"truncated stream: it ends after {where} without a trailer "
                     f"({_span(h, 0, k * f)} decodable)", k, k * f)
       return None
     if self._buf[:4] == TRAILER_MAGIC and self._fill(TRAILER_SIZE):
@@ -821,8 +822,9 @@ class StreamReader:
     n = len(self._buf)
     self._take(n)
     self._state = "done"
-    self._problem("truncated", f"truncated stream (or damaged end): {n} unreadable bytes after segment "
-                  f"{k - 1}, no trailer ({_span(h, 0, k * f)} decodable)", k, k * f)
+    where = f"segment {k - 1}" if k else "the header"
+    self._problem("truncated", f"truncated stream (or damaged end): {n} unreadable bytes after {where}, "
+                  f"no trailer ({_span(h, 0, k * f)} decodable)", k, k * f)
     return None
 
   def _on_trailer(self, trailer: Trailer) -> None:
@@ -943,13 +945,15 @@ class DecodedStream:
 
 def read_codes(src, *, strict: bool = False, on_problem: Callable[[Problem], None] | None = None
                ) -> DecodedStream:
-  """Reads a whole stream (bytes or binary file) into one array, concealing damage.
+  """Reads a whole stream (bytes, binary file or a `StreamReader`) into one array, concealing damage.
+
+  A StreamReader is read from where it is, with its own strict / on_problem.
 
   Without a trailer (truncated stream) T is the frames of the whole segments
   read and num_samples is only the estimate T * frame_samples: a model may map
   T frames to fewer samples (ESC: T * 320 - hop), so recompute it there.
   """
-  reader = StreamReader(src, strict=strict, on_problem=on_problem)
+  reader = src if isinstance(src, StreamReader) else StreamReader(src, strict=strict, on_problem=on_problem)
   h = reader.header
   segs = list(reader)
   t = reader.trailer.num_frames if reader.trailer else sum(s.num_frames for s in segs)
@@ -976,7 +980,8 @@ def decode_stream(data: bytes) -> tuple[StreamHeader, np.ndarray]:
 
 def transcode(src, num_streams: int, dst: BinaryIO | None = None, *,
               segment_frames: int | None = None) -> bytes | None:
-  """Rewrites a stream (bytes or binary file, v1 or v2) with its first `num_streams` streams.
+  """Rewrites a stream (bytes, binary file or a strict `StreamReader`; v1 or v2) with its first
+  `num_streams` streams.
 
   No model is needed: ESC's first S' streams are its S'-stream encoding, so
   the result is bit-identical to writing those codes directly. Segments are
@@ -984,7 +989,9 @@ def transcode(src, num_streams: int, dst: BinaryIO | None = None, *,
   segment_frames: re-segment (default: keep; v1 sources get the default).
   Strict: BitstreamError if the source is damaged.
   """
-  reader = StreamReader(src, strict=True)
+  reader = src if isinstance(src, StreamReader) else StreamReader(src, strict=True)
+  if not reader.strict:
+    raise ValueError("transcode needs a strict StreamReader")
   h = reader.header
   _check_int("num_streams", num_streams, 1, h.num_streams)
   if segment_frames is None:

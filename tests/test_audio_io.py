@@ -1,6 +1,7 @@
 """Audio files (esc_jax.audio_io, esc_jax.files): reading, writing, finding, atomic writes."""
 from __future__ import annotations
 
+import io
 import os
 import pathlib
 
@@ -113,3 +114,87 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     files.write_bytes_atomic(tmp_path, b"")
   with pytest.raises(FileNotFoundError, match="output folder does not exist"):
     files.write_bytes_atomic(tmp_path / "no" / "x.bin", b"")
+
+
+# ---- byte streams (pipes) ----------------------------------------------------
+
+
+class _Pipe(io.RawIOBase):
+  """A non-seekable byte source returning at most `step` bytes per read (like a slow pipe)."""
+
+  def __init__(self, data: bytes, step: int = 1000):
+    self.data, self.pos, self.step = data, 0, step
+
+  def readable(self):
+    return True
+
+  def readinto(self, b):
+    n = min(len(b), self.step, len(self.data) - self.pos)
+    b[:n] = self.data[self.pos:self.pos + n]
+    self.pos += n
+    return n
+
+
+@pytest.mark.parametrize("subtype, channels, rate", [("PCM_16", 1, 16000), ("PCM_24", 2, 16000),
+                                                     ("PCM_32", 1, 8000), ("PCM_U8", 1, 16000),
+                                                     ("FLOAT", 3, 44100), ("DOUBLE", 1, 16000)])
+def test_wav_stream_reader_equals_file_reader(tmp_path, subtype, channels, rate):
+  rng = np.random.default_rng(channels)
+  x = (0.5 * rng.standard_normal((12_344, channels))).clip(-1, 1).astype(np.float32)
+  path = tmp_path / "a.wav"
+  sf.write(path, x, rate, subtype=subtype)
+  with audio_io.AudioReader(path) as r:
+    want = np.concatenate(list(r.blocks()))
+    assert r.input_frames == 12_344
+  data = path.read_bytes()
+  d = data.index(b"data")  # after fmt (and fact / extensible fields, whatever libsndfile wrote)
+  unknown = data[:4] + b"\xff" * 4 + data[8:d + 4] + b"\xff" * 4 + data[d + 8:]  # as a pipe writer does
+  for blob in (data, unknown):
+    r = audio_io.WavStreamReader(io.BufferedReader(_Pipe(blob, 777)), block=4096)
+    got = np.concatenate(list(r.blocks()))
+    assert (r.sample_rate, r.channels, r.input_frames) == (rate, channels, 12_344)
+    np.testing.assert_array_equal(got, want)  # same scaling, mixing and resampling as libsndfile's
+
+
+def test_wav_stream_reader_raw_and_errors():
+  x = np.random.default_rng(0).integers(-32768, 32768, 5000).astype("<i2")
+  r = audio_io.WavStreamReader(io.BytesIO(x.tobytes() + b"\x01"), raw_rate=16000)  # a stray odd byte
+  np.testing.assert_array_equal(np.concatenate(list(r.blocks())), x / np.float32(32768))
+  assert r.input_frames == 5000
+  for data, words in [(b"", "empty input"), (b"OggS" + bytes(40), "not a WAV stream"),
+                      (b"RIFF\x00\x00\x00\x00WAVEfmt ", "ends before its data"),
+                      (audio_io.wav_header(16000)[:36] + b"data", "ends before its data")]:
+    with pytest.raises(ValueError, match=words):
+      list(audio_io.WavStreamReader(io.BytesIO(data)).blocks())
+  with pytest.raises(ValueError, match="no audio samples"):
+    list(audio_io.WavStreamReader(io.BytesIO(audio_io.wav_header(16000, frames=0))).blocks())
+  bad = bytearray(audio_io.wav_header(16000))
+  bad[20:22] = (2).to_bytes(2, "little")  # ADPCM
+  with pytest.raises(ValueError, match="unsupported WAV encoding"):
+    audio_io.WavStreamReader(io.BytesIO(bytes(bad)))
+
+
+def test_audio_writer_to_stream_and_file(tmp_path):
+  y = (0.3 * np.sin(np.arange(30_000) / 7)).astype(np.float32)
+  out = io.BytesIO()
+  with audio_io.open_audio_writer(out, 16000, 44100) as w:
+    for i in range(0, len(y), 4321):
+      w.write(y[i:i + 4321])
+    assert w.close(82_688) == 82_688  # the exact length asked for (soxr gives 82_688 or so)
+  z, sr = sf.read(io.BytesIO(out.getvalue()), dtype="float32")
+  assert sr == 44100 and len(z) == 82_688
+  assert out.getvalue()[4:8] == (36 + 2 * 82_688).to_bytes(4, "little")  # seekable: sizes filled in
+  path = tmp_path / "b.wav"  # the same bytes as the stream, through libsndfile
+  with audio_io.open_audio_writer(path, 16000, 44100) as w:
+    w.write(y)
+    w.close(82_687)
+  assert sf.info(path).frames == 82_687
+  np.testing.assert_array_equal(sf.read(path, dtype="int16")[0], sf.read(io.BytesIO(out.getvalue()),
+                                                                         dtype="int16")[0][:82_687])
+  chunks = []  # a write-only stream (a pipe): the unknown-size header stays
+  stream = type("Pipe", (), {"write": lambda self, b: chunks.append(bytes(b)), "flush": lambda self: None})()
+  with audio_io.open_audio_writer(stream, 16000) as w:
+    w.write(y[:1000])
+    w.close(1000)
+  data = b"".join(chunks)
+  assert data[:44] == audio_io.wav_header(16000) and len(data) == 44 + 2000
