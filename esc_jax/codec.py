@@ -174,6 +174,26 @@ class CodecBase(nn.Module):
     """Bitrate of `num_streams` streams (Python or traced)."""
     return num_streams * self.kbps_per_stream
 
+  @property
+  def reach_frames(self) -> float:
+    """How far (in code frames, each side) the codes and audio of a frame depend on the signal.
+
+    A Swin block widens a token's reach by window/2 time patches (window and
+    shifted window alternate); a convolution of the backbone by kernel width - 1.
+    Counted over the layers on the longest coding path (`_path_layers`); the
+    STFT, patch (de-)embedding and frame grouping add a few frames more, which
+    `esc_jax.streaming.context_frames_for` covers.
+    """
+    if self.backbone == "convolution":  # 2 convs per residual unit and the scaling conv
+      per_layer = (2 * self.conv_depth + 1) * (self.kernel_size[1] - 1)
+    else:
+      per_layer = self.swin_depth * (self.window_size // 2)
+    return per_layer * self._path_layers() / self.overlap
+
+  def _path_layers(self) -> int:
+    """Layers on the longest path between a frame's audio and its codes or reconstruction."""
+    return len(self.h_dims)  # the encoder (pre_nn + downscaling layers); decoding has as many
+
   def _check_config(self):
     if self.backbone not in BACKBONES:
       raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
@@ -242,6 +262,10 @@ class ESC(CodecBase):
   kernel_size: Sequence[int] = (5, 2)  # convolution backbone only
   conv_depth: int = 1  # convolution backbone: residual units per layer
   dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
+
+  def _path_layers(self) -> int:
+    """`encode` runs the encoder and the first max_streams - 2 up layers (residuals of later streams)."""
+    return len(self.h_dims) + max(self.max_streams - 2, 0)
 
   def setup(self):
     self._check_config()

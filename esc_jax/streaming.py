@@ -76,17 +76,11 @@ class Window(NamedTuple):
 def context_frames_for(codec: Codec) -> int:
   """Context that covers the model's receptive field in time (24 frames for ESC-Base).
 
-  A Swin block widens a token's reach by window/2 patches (window and shifted
-  window alternate); `encode` runs the encoder (len(h_dims) layers) and the
-  decoder's first max_streams - 2 up layers (residuals of the next streams),
-  `decode` max_streams layers. Four more frames cover the STFT window, the
-  patch (de-)embedding convolutions and the VQ's frame grouping.
+  The model's reach (`reach_frames`: its transformer or convolution layers on
+  the longest coding path) plus four frames for the STFT window, the patch
+  (de-)embedding convolutions and the VQ's frame grouping.
   """
-  m = codec.model
-  layers = len(m.h_dims) + max(m.max_streams - 2, 0)
-  reach = m.swin_depth * layers * (m.window_size // 2) / m.overlap
-  c = math.ceil(reach) + 4
-  return _ceil_align(c)
+  return _ceil_align(math.ceil(codec.model.reach_frames) + 4)
 
 
 def _ceil_align(n: int) -> int:

@@ -15,7 +15,7 @@ import pytest
 import soundfile as sf
 
 import esc_jax
-from esc_jax import train_lib
+from esc_jax import bitstream, train_lib
 from esc_jax.__main__ import main as cli
 from esc_jax.config_lib import base_config, smoke
 from esc_jax.convert import convert_checkpoint
@@ -116,6 +116,12 @@ def test_converted_variant_compresses_and_evaluates(name, tmp_path, capsys):
   y = sf.read(back, dtype="float32")[0]
   ref = codec.decode(golden["codes_s3"][:1])[0]
   np.testing.assert_allclose(y, np.clip(ref, -1, 1), atol=1.5 / 32768)  # PCM_16
+  # Chunked coding with the variant's own receptive field (context_frames_for) is exact:
+  # 4 s in windows of 8 frames plus context give the whole-file codes.
+  long = np.tile(golden["audio"][0], 4)
+  sf.write(wav, long, 16000, subtype="FLOAT")
+  assert cli(["compress", str(wav), str(esc), "--checkpoint", str(out), "--chunk_frames", "8", "--quiet"]) == 0
+  np.testing.assert_array_equal(bitstream.read_stream(esc)[1], codec.encode(long, codec.max_streams)[0])
   sys.path.insert(0, str(ROOT))
   try:
     import eval as eval_cli  # eval.py
