@@ -14,13 +14,13 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import math
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esc_jax import bitstream
 from esc_jax import checkpoint as ckpt
 from esc_jax.codec import make_model
 
@@ -91,16 +91,7 @@ class Codec:
 
   def streams_for_kbps(self, kbps) -> int:
     """Number of streams of bitrate `kbps` (1.5 .. 9 for ESC); ValueError names the valid rates."""
-    rates = {s: self.kbps(s) for s in range(1, self.max_streams + 1)}
-    try:
-      x = float(kbps)
-    except (TypeError, ValueError):
-      x = math.nan
-    for s, v in rates.items():
-      if abs(x - v) < 1e-3:
-        return s
-    raise ValueError(f"unsupported bitrate {kbps} kbps for this codec; choose one of "
-                     f"{', '.join(f'{v:g}' for v in rates.values())}")
+    return bitstream.streams_for_kbps(kbps, self.model.kbps_per_stream, self.max_streams)
 
   @property
   def fingerprint(self) -> bytes:

@@ -131,12 +131,13 @@ import io
 import math
 import os
 import struct
-import tempfile
 import warnings
 import zlib
 from typing import BinaryIO, Callable, ClassVar, Iterator
 
 import numpy as np
+
+from esc_jax.files import write_bytes_atomic
 
 MAGIC = b"ESCJ"
 TRAILER_MAGIC = b"ESCE"
@@ -180,16 +181,19 @@ def payload_kbps(num_streams: int, group_size: int = 3, bits: int = 10, frame_ms
   return num_streams * group_size * bits / frame_ms
 
 
-def streams_for_kbps(kbps: float, group_size: int = 3, bits: int = 10, frame_ms: float = 20) -> int:
-  """Number of streams (1..6) for a bitrate in {1.5, 3, 4.5, 6, 7.5, 9} kbps."""
-  per = payload_kbps(1, group_size, bits, frame_ms)
-  valid = [payload_kbps(s, group_size, bits, frame_ms) for s in range(1, MAX_STREAMS + 1)]
+def streams_for_kbps(kbps, kbps_per_stream: float = 1.5, max_streams: int = MAX_STREAMS) -> int:
+  """Number of streams s in 1..max_streams whose bitrate s * kbps_per_stream is `kbps`.
+
+  The one rate-matching rule of the package (`Codec.streams_for_kbps` passes
+  its model's rate, transcoding the stream's); ValueError names the valid rates.
+  """
+  valid = [s * kbps_per_stream for s in range(1, max_streams + 1)]
   try:
     x = float(kbps)
   except (TypeError, ValueError):
     x = math.nan
-  s = round(x / per) if math.isfinite(x) else 0
-  if not (1 <= s <= MAX_STREAMS and abs(x - s * per) < 1e-6):
+  s = round(x / kbps_per_stream) if math.isfinite(x) else 0
+  if not (1 <= s <= max_streams and abs(x - s * kbps_per_stream) < 1e-3):
     raise ValueError(f"unsupported bitrate {kbps!r} kbps; choose one of {', '.join(f'{v:g}' for v in valid)}")
   return s
 
@@ -1013,23 +1017,8 @@ def transcode(src, num_streams: int, dst: BinaryIO | None = None, *,
 
 
 def write_stream(path: str | os.PathLike, data: bytes) -> None:
-  """Atomically writes `data` to `path` (temp file in the same dir + os.replace)."""
-  path = os.fspath(path)
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 is for the temp file, not the result
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
+  """Writes `.esc` bytes to `path` atomically (`esc_jax.files.write_bytes_atomic`)."""
+  write_bytes_atomic(path, data)
 
 
 def read_stream(path: str | os.PathLike) -> tuple[StreamHeader, np.ndarray]:

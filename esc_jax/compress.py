@@ -335,7 +335,7 @@ def transcode_file(src, dst, kbps) -> bitstream.StreamHeader:
     with _input(src) as f:
       reader = bitstream.StreamReader(f, strict=True)
       h = reader.header
-      s = bitstream.streams_for_kbps(kbps, h.group_size, h.codebook_bits, 1000 * h.frame_seconds)
+      s = bitstream.streams_for_kbps(kbps, h.kbps / h.num_streams)
       if s > h.num_streams:
         raise ValueError(f"{name} has {h.num_streams} streams ({h.kbps:g} kbps): cannot transcode up "
                          f"to {float(kbps):g} kbps")

@@ -135,6 +135,7 @@ def test_payload_bitrate(s):
   assert bs.payload_kbps(s) == pytest.approx(1.5 * s)
   assert bs.streams_for_kbps(1.5 * s) == s
   assert bs.streams_for_kbps(str(1.5 * s)) == s
+  assert bs.streams_for_kbps(0.9 * s, 0.9) == s  # 64-entry codebooks: 6 bits x 3 / 20 ms
 
 
 @pytest.mark.parametrize("kbps", [0, 1, 2.0, 10.5, 12, -1.5, float("nan"), "fast", None])
