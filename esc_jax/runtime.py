@@ -40,13 +40,6 @@ def enable_compile_cache(path: str | None = "default") -> str | None:
   return path
 
 
-def _set(name: str, value) -> None:
-  """jax.config.update(name, value) where this JAX version has the option."""
-  import jax
-  if name in jax.config.values:
-    jax.config.update(name, value)
-
-
 def maybe_initialize_distributed() -> bool:
   """`jax.distributed.initialize()` when a multi-process launch is detected.
 
@@ -68,8 +61,8 @@ def maybe_initialize_distributed() -> bool:
       kw["process_id"] = int(env["JAX_PROCESS_ID"])
   elif int(env.get("SLURM_NTASKS", "1")) <= 1 and int(env.get("OMPI_COMM_WORLD_SIZE", "1")) <= 1:
     return False
-  if jax.config.values.get("jax_cpu_collectives_implementation") in (None, "none"):
-    _set("jax_cpu_collectives_implementation", "gloo")
+  if jax.config.values.get("jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kw)
   return True
 
@@ -90,4 +83,9 @@ def sync_processes(name: str, timeout_s: int = 3600) -> None:
   if jax.process_count() == 1:
     return
   from jax._src import distributed
-  distributed.global_state.client.wait_at_barrier(f"esc_jax/{name}/{next(_barriers)}", timeout_s * 1000)
+  name = f"esc_jax/{name}/{next(_barriers)}"
+  if distributed.global_state.client is None:  # processes without jax.distributed (TPU pod slices)
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+  else:
+    distributed.global_state.client.wait_at_barrier(name, timeout_s * 1000)
