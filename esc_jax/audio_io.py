@@ -43,9 +43,9 @@ def one_line(e: BaseException) -> str:
 
 def to_mono(data: np.ndarray, channel: str = "mean") -> np.ndarray:
   """(L, C) float samples -> (L,) float32: channel mean or the first channel."""
-  if channel == "mean":
+  if channel == "mean" and data.shape[1] > 1:
     return data.mean(axis=1, dtype=np.float32)
-  if channel == "first":
+  if channel in CHANNEL_MODES:  # the mean of one channel is that channel, exactly
     return np.ascontiguousarray(data[:, 0], dtype=np.float32)
   raise ValueError(f"channel must be one of {CHANNEL_MODES}, got {channel!r}")
 

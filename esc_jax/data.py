@@ -83,11 +83,17 @@ def scan_audio_files(folder, num_threads: int = 16) -> list[AudioFile]:
   return files
 
 
+# libsndfile reads a 16-bit sample as float32 sample / 32768; reading int16 and
+# scaling gives the same floats (exactly: a power of two) about 3x faster.
+_INT16_TO_FLOAT = np.float32(1 / 32768)
+
+
 def read_clip(f: AudioFile, offset: int, n: int, sr: int = SAMPLE_RATE) -> np.ndarray:
   """Samples [offset, offset + n) of `f` resampled to `sr`, mono, zero-padded to n.
 
-  Only the needed part of the file is read (plus a margin for the resampling filter).
-  Raises ValueError for unreadable data or non-finite samples.
+  Only the needed part of the file is read (plus a margin for the resampling filter);
+  16-bit PCM is read as integers and scaled. Raises ValueError for unreadable data or
+  non-finite samples.
   """
   import soundfile as sf
   import soxr
@@ -104,16 +110,23 @@ def read_clip(f: AudioFile, offset: int, n: int, sr: int = SAMPLE_RATE) -> np.nd
     skip = offset - first * period_out
     count = int(math.ceil((offset + n) * f.sample_rate / sr)) - start + k * period_in
   try:
-    data = sf.read(f.path, frames=max(count, 0), start=start, dtype="float32", always_2d=True)[0]
+    with sf.SoundFile(f.path) as s:
+      pcm16 = s.subtype == "PCM_16"
+      s.seek(start)
+      data = s.read(max(count, 0), dtype="int16" if pcm16 else "float32", always_2d=True)
   except Exception as e:
     raise ValueError(f"cannot read {f.path}: {type(e).__name__}: {e}") from e
-  if not np.all(np.isfinite(data)):
+  if pcm16:  # the floats libsndfile gives (see _INT16_TO_FLOAT)
+    data = np.multiply(data, _INT16_TO_FLOAT, dtype=np.float32)
+  elif not np.all(np.isfinite(data)):
     raise ValueError(f"{f.path} contains NaN or infinite samples")
   x = to_mono(data)
   if f.sample_rate != sr and x.size:
     x = soxr.resample(x, f.sample_rate, sr, quality="VHQ")[skip:]
-  x = x[:n]
-  return np.pad(x, (0, n - x.size)).astype(np.float32)
+  out = np.zeros(n, np.float32)
+  m = min(n, x.size)
+  out[:m] = x[:m]
+  return out
 
 
 class RandomCrop:

@@ -46,6 +46,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from esc_jax import checkpoint as ckpt
 from esc_jax import data as data_lib
 from esc_jax import evaluation
+from esc_jax import runtime
 from esc_jax.api import Codec
 from esc_jax.codec import make_model
 from esc_jax.files import write_json_atomic
@@ -336,7 +337,12 @@ def host_variables(state: TrainState) -> dict:
 
 
 def save(mngr, state: TrainState, config, data_iter=None, val_metrics=None) -> None:
-  """Checkpoints `state` (params, opt_state, meta with the data position)."""
+  """Checkpoints `state` (params, opt_state, meta with the data position).
+
+  Every process calls it (orbax saves collectively). The JSON meta is written by
+  process 0 and restored on all: each process has consumed the same number of
+  local batches, so its iterator's position equals process 0's.
+  """
   step = int(jax.device_get(state.step))
   meta = dict(step=step, seed=int(config.seed), process_count=jax.process_count(),
               num_workers=int(config.data.num_workers),
@@ -508,6 +514,7 @@ def train_and_evaluate(config, workdir, *, program: Program | None = None,
     program = build(c)
   elif _step_key(program.config) != _step_key(c):
     raise ConfigError("the given program was built for another model, recipe or batch shape")
+  runtime.sync_processes("compiled")  # before the first collective (see sync_processes)
   write_run_config(workdir, c)
   with workdir_lock(workdir), contextlib.closing(ckpt.train_manager(workdir, int(c.ckpt.keep))) as mngr:
     # 2. Data.
@@ -530,6 +537,7 @@ def train_and_evaluate(config, workdir, *, program: Program | None = None,
         logging.info("new run in %s (%d parameters)", workdir,
                      sum(int(p.size) for p in jax.tree.leaves(state.params)))
       start = int(jax.device_get(state.step))
+      runtime.sync_processes("initialised")
       if start:
         logging.info("resumed %s at step %d", workdir, start)
       # 5. Loop: step, log, validate, save.

@@ -134,3 +134,44 @@ def test_worker_processes_give_the_same_stream(folder):
   finally:
     it0.close()
     it2.close()
+
+
+def _libsndfile_clip(f, offset, n, sr=16000):
+  """read_clip as first written: libsndfile's float32 samples, channel mean, np.pad (the reference)."""
+  import math
+  import soxr
+  if f.sample_rate == sr:
+    start, count, skip = offset, n, 0
+  else:
+    g = math.gcd(f.sample_rate, sr)
+    period_in, period_out = f.sample_rate // g, sr // g
+    k = -(-256 // period_in)
+    first = max(0, int(offset * f.sample_rate / sr // period_in) - k)
+    start, skip = first * period_in, offset - first * period_out
+    count = int(math.ceil((offset + n) * f.sample_rate / sr)) - start + k * period_in
+  x = sf.read(f.path, frames=max(count, 0), start=start, dtype="float32", always_2d=True)[0]
+  x = x.mean(axis=1, dtype=np.float32)
+  if f.sample_rate != sr and x.size:
+    x = soxr.resample(x, f.sample_rate, sr, quality="VHQ")[skip:]
+  return np.pad(x[:n], (0, n - x[:n].size)).astype(np.float32)
+
+
+def test_fast_reading_gives_the_same_clips_and_batches(folder, tmp_path, monkeypatch):
+  """read_clip (16-bit PCM read as int16 and scaled, mono without a mean, one allocation)
+  == libsndfile's float32 conversion: the same clips, bit for bit, hence the same batches."""
+  sf.write(tmp_path / "float.wav", _tone(16000, 1.5, 350), 16000, subtype="FLOAT")
+  sf.write(tmp_path / "pcm24.wav", _tone(44100, 1.5, 450, channels=2), 44100, subtype="PCM_24")
+  sf.write(tmp_path / "pcm16.flac", _tone(22050, 1.5, 550), 22050, subtype="PCM_16")
+  files = data.scan_audio_files(folder) + data.scan_audio_files(tmp_path)
+  subtypes = {sf.info(f.path).subtype for f in files}
+  assert subtypes == {"PCM_16", "PCM_24", "FLOAT"} and {f.sample_rate for f in files} == {8000, 16000, 22050, 44100}
+  for f in files:
+    room = max(f.frames_at() - CLIP, 0)
+    for offset in sorted({0, 1, 333, room // 2, room}):
+      np.testing.assert_array_equal(data.read_clip(f, offset, CLIP), _libsndfile_clip(f, offset, CLIP),
+                                    err_msg=f"{f.path} at {offset}")
+  ds = data.train_dataset(files, CLIP, batch_size=4, seed=11)
+  new = [ds[k] for k in range(4)]
+  monkeypatch.setattr(data, "read_clip", _libsndfile_clip)
+  for k, x in enumerate(new):
+    np.testing.assert_array_equal(x, ds[k])
