@@ -27,38 +27,6 @@ def torch_bias_init(fan_in: int):
   return init
 
 
-@jax.custom_vjp
-def dense(x, kernel):
-  """x (..., in) @ kernel (in, out), with a weight gradient laid out for XLA CPU.
-
-  XLA's CPU dot for a weight gradient (contracting the token axis of both
-  operands) materialises its right operand transposed, a slow strided copy of a
-  whole activation. The backward pass puts the narrower of x and the output
-  gradient on the right (computing kernel^T when that is the gradient), so the
-  copy is of the fewer channels: e.g. x rather than the 4x wider MLP hidden
-  gradient.
-  """
-  return jnp.dot(x, kernel)
-
-
-def _dense_fwd(x, kernel):
-  return jnp.dot(x, kernel), (x, kernel)
-
-
-def _dense_bwd(res, g):
-  x, kernel = res
-  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
-  tokens = tuple(range(x.ndim - 1))
-  if kernel.shape[1] > kernel.shape[0]:  # wide output: transpose x, not g
-    dk = jax.lax.dot_general(g, x, ((tokens, tokens), ((), ()))).T
-  else:
-    dk = jax.lax.dot_general(x, g, ((tokens, tokens), ((), ())))
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-dense.defvjp(_dense_fwd, _dense_bwd)
-
-
 class Linear(nn.Module):
   """`torch.nn.Linear(in_features, features, bias=use_bias)`; kernel is (in, out).
 
