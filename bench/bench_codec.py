@@ -16,10 +16,6 @@ Sections (one table each):
            1-minute and a --long_minutes file, each in a fresh process; the
            1-minute file also in whole-file mode (chunk_frames=0) for contrast.
 
-The benchmark process calls `esc_jax.runtime.configure_cpu()` first (glibc keeps
-freed memory instead of page-faulting each call's temporaries back in;
---no_runtime_config skips it); the memory children run the CLI path as is.
-
 Random params (--params random, the default) are drawn per leaf from the
 template (Flax's `model.init` of ESC-Base takes ~100 s to compile on 2 cores;
 --params init uses it): run time does not depend on the values, and the
@@ -304,15 +300,10 @@ def main(argv=None):
   p.add_argument("--skip_quality", action="store_true")
   p.add_argument("--alignment_study", action="store_true")
   p.add_argument("--out", default=None, help="also write the tables to this file")
-  p.add_argument("--no_runtime_config", action="store_true",
-                 help="skip esc_jax.runtime.configure_cpu() (allocator reuse) in this process")
   p.add_argument("--_child", nargs=5, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args._child:
     return _child(args._child)
-  if not args.no_runtime_config:  # before the first JAX computation; memory children run the plain CLI path
-    from esc_jax import runtime
-    runtime.configure_cpu()
 
   import jax
   print(f"jax {jax.__version__} {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
