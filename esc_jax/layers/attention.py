@@ -60,13 +60,101 @@ def window_reverse(x, window: int, hp: int, wp: int):
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
 
 
-class WindowAttention(nn.Module):
-  """Multi-head self-attention inside w x w windows with relative position bias.
+def _to_windows(t, window: int, shift: int, hp: int, wp: int):
+  """(B, H, W, K) -> (B, nW, w*w, K): zero-pad to (hp, wp), roll by -shift, partition."""
+  _, h, w, _ = t.shape
+  if (hp, wp) != (h, w):
+    t = jnp.pad(t, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+  if shift:
+    t = jnp.roll(t, (-shift, -shift), axis=(1, 2))
+  return window_partition(t, window)
 
-  Split in two so the per-token projections skip the window padding: `qkv`
-  maps real tokens (its bias is added after padding, so padded tokens get
-  exactly the bias, as zero vectors would), `attend` mixes tokens within
-  windows, and `proj` runs after the padding is cropped again.
+
+def _from_windows(t, window: int, shift: int, h: int, w: int):
+  """Inverse of `_to_windows` (padding cropped): (B, nW, w*w, K) -> (B, H, W, K)."""
+  hp, wp = -(-h // window) * window, -(-w // window) * window
+  t = window_reverse(t, window, hp, wp)
+  if shift:
+    t = jnp.roll(t, (shift, shift), axis=(1, 2))
+  return t[:, :h, :w]
+
+
+def _split_heads(t, k: int, heads: int):
+  """(B, nW, N, k*heads*d) -> (k, B, nW, heads, N, d)."""
+  b, nw, n, c = t.shape
+  return t.reshape(b, nw, n, k, heads, c // (k * heads)).transpose(3, 0, 1, 4, 2, 5)
+
+
+def _merge_heads(t):
+  """(K, B, nW, heads, N, d) -> (B, nW, N, K*heads*d)."""
+  k, b, nw, heads, n, d = t.shape
+  return t.transpose(1, 2, 4, 0, 3, 5).reshape(b, nw, n, k * heads * d)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def window_attention(qkv, qkv_bias, pos_bias, heads: int, window: int, shift: int):
+  """Multi-head self-attention in (shifted) w x w windows of a token map.
+
+  qkv: (B, H, W, 3C) projections of the normed tokens, bias included; the
+  zero-padded tokens (up to multiples of the window, bottom/right) project to
+  `qkv_bias` (3C,) alone. pos_bias: (heads, N, N) relative position bias, N = w*w.
+  shift > 0: windows of the map rolled by (-shift, -shift) with Swin's mask.
+  Returns (B, H, W, C), the per-token attention output before the output projection.
+
+  One custom op so that the backward pass moves data once per direction: the
+  autodiff transposes of pad / roll / partition are chains of pads and adds.
+  """
+  return _window_attention_fwd(qkv, qkv_bias, pos_bias, heads, window, shift)[0]
+
+
+def _window_attention_fwd(qkv, qkv_bias, pos_bias, heads, window, shift):
+  _, h, w, c3 = qkv.shape
+  hp, wp = -(-h // window) * window, -(-w // window) * window
+  if (hp, wp) != (h, w):  # padded tokens are zero after norm1: their projections are the bias
+    pad = np.ones((hp, wp, 1), np.float32)
+    pad[:h, :w] = 0.0
+    qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0))) + pad * qkv_bias.astype(qkv.dtype)
+  q, k, v = _split_heads(_to_windows(qkv, window, shift, hp, wp), 3, heads)
+  q = q * ((c3 // 3 // heads) ** -0.5)
+  logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) + pos_bias  # (B, nW, heads, N, N)
+  if shift:
+    logits = logits + shift_mask(hp, wp, window, shift)[:, None]
+  attn = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
+  out = _from_windows(_merge_heads((attn @ v)[None]), window, shift, h, w)
+  return out, (q, k, v, attn)
+
+
+def _window_attention_bwd(heads, window, shift, res, g):
+  q, k, v, attn = res  # windowed (B, nW, heads, N, d); q scaled; attn (B, nW, heads, N, N)
+  b, h, w, c = g.shape
+  hp, wp = -(-h // window) * window, -(-w // window) * window
+  (g,) = _split_heads(_to_windows(g.astype(q.dtype), window, shift, hp, wp), 1, heads)
+  dv = attn.swapaxes(-1, -2) @ g
+  da = (g @ v.swapaxes(-1, -2)).astype(jnp.float32)
+  attn32 = attn.astype(jnp.float32)
+  dlogits = attn32 * (da - jnp.sum(da * attn32, axis=-1, keepdims=True))  # softmax VJP
+  dpos = jnp.sum(dlogits, axis=(0, 1))
+  dlogits = dlogits.astype(q.dtype)
+  dq = (dlogits @ k) * ((c // heads) ** -0.5)
+  dk = dlogits.swapaxes(-1, -2) @ q
+  dqkv = _merge_heads(jnp.stack([dq, dk, dv]))  # (B, nW, N, 3C)
+  if (hp, wp) == (h, w):
+    return _from_windows(dqkv, window, shift, h, w), jnp.zeros((3 * c,), jnp.float32), dpos
+  full = window_reverse(dqkv, window, hp, wp)
+  if shift:
+    full = jnp.roll(full, (shift, shift), axis=(1, 2))
+  dbias = jnp.sum(full[:, h:], (0, 1, 2)) + jnp.sum(full[:, :h, w:], (0, 1, 2))
+  return full[:, :h, :w], dbias.astype(jnp.float32), dpos
+
+
+window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
+
+
+class WindowAttention(nn.Module):
+  """Parameters of Swin's window attention: `qkv`, `proj` and the relative position bias table.
+
+  The block applies them around `window_attention`: `qkv` and `proj` act on the
+  real tokens only (padding is handled inside the attention op).
   """
   dim: int
   num_heads: int
@@ -81,24 +169,14 @@ class WindowAttention(nn.Module):
     self.qkv = Linear(3 * c, c, dtype=self.dtype)
     self.proj = Linear(c, c, dtype=self.dtype)
 
-  def qkv_unbiased(self, x):
-    """(..., C) -> (..., 3C) without the bias (added by `attend`)."""
-    return self.qkv.matmul(x)
-
-  def attend(self, qkv, mask=None):
-    """qkv: (B, nW, N, 3C) unbiased projections; mask: (nW, N, N) or None -> (B, nW, N, C)."""
-    b, nw, n, _ = qkv.shape
-    c, h = self.dim, self.num_heads
-    qkv = self.qkv.add_bias(qkv)
-    qkv = qkv.reshape(b, nw, n, 3, h, c // h).transpose(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, d)
-    q, k, v = qkv[0] * ((c // h) ** -0.5), qkv[1], qkv[2]
-    logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32)  # (B, nW, h, N, N)
+  def __call__(self, x, shift: int = 0):
+    """x: (B, H, W, C) normed tokens -> (B, H, W, C) attention output after `proj`."""
+    n = self.window * self.window
     bias = self.relative_position_bias_table[relative_position_index(self.window).reshape(-1)]
-    logits = logits + bias.reshape(n, n, h).transpose(2, 0, 1)
-    if mask is not None:
-      logits = logits + mask[:, None]
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    return (attn @ v).transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c)
+    bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
+    y = window_attention(self.qkv(x), self.qkv.bias.astype(self.dtype), bias, self.num_heads,
+                         self.window, shift)
+    return self.proj(y)
 
 
 class FeedForward(nn.Module):
@@ -129,20 +207,9 @@ class SwinBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     """x: (B, H, W, C) -> (B, H, W, C)."""
-    b, h, w, c = x.shape
-    ws = self.window
-    hp, wp = -(-h // ws) * ws, -(-w // ws) * ws
-    attn = WindowAttention(c, self.num_heads, ws, self.dtype, name="attn")
-    y = attn.qkv_unbiased(LayerNorm(name="norm1")(x))
-    y = jnp.pad(y, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))  # padded tokens: zero after norm1
-    mask = None
-    if self.shift > 0:
-      y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
-      mask = jnp.asarray(shift_mask(hp, wp, ws, self.shift))
-    y = window_reverse(attn.attend(window_partition(y, ws), mask), ws, hp, wp)
-    if self.shift > 0:
-      y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
-    x = x + attn.proj(y[:, :h, :w]).astype(x.dtype)
+    c = x.shape[-1]
+    attn = WindowAttention(c, self.num_heads, self.window, self.dtype, name="attn")
+    x = x + attn(LayerNorm(name="norm1")(x), self.shift).astype(x.dtype)
     y = FeedForward(c, int(c * self.mlp_ratio), self.dtype, name="mlp")(
         LayerNorm(name="norm2")(x).astype(self.dtype))
     return x + y.astype(x.dtype)

@@ -95,11 +95,55 @@ class LayerNormParams(nn.Module):
             self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
 
 
-def LayerNorm(name: str | None = None, dtype=jnp.float32) -> nn.LayerNorm:
-  """`torch.nn.LayerNorm(C)` (eps 1e-5, statistics in float32)."""
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+@jax.custom_vjp
+def layer_norm(x, scale, bias):
+  """`torch.nn.functional.layer_norm` over the last axis, float32 statistics.
+
+  x: (..., C); scale, bias: (C,) -> float32 (..., C). Two-pass statistics (mean,
+  then the mean squared deviation) as torch computes them; the hand-written
+  backward needs two passes over x instead of autodiff's chain of broadcasts.
+  """
+  return _layer_norm_fwd(x, scale, bias)[0]
+
+
+def _layer_norm_fwd(x, scale, bias):
+  x32 = x.astype(jnp.float32)
+  xc = x32 - jnp.mean(x32, -1, keepdims=True)
+  rstd = jax.lax.rsqrt(jnp.mean(xc * xc, -1, keepdims=True) + LN_EPS)
+  return xc * rstd * scale + bias, (x, scale, rstd)
+
+
+def _layer_norm_bwd(res, dy):
+  x, scale, rstd = res
+  x32 = x.astype(jnp.float32)
+  xhat = (x32 - jnp.mean(x32, -1, keepdims=True)) * rstd
+  g = dy * scale
+  dx = rstd * (g - jnp.mean(g, -1, keepdims=True) - xhat * jnp.mean(g * xhat, -1, keepdims=True))
+  axes = tuple(range(dy.ndim - 1))
+  return dx.astype(x.dtype), jnp.sum(dy * xhat, axes), jnp.sum(dy, axes)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+  """`torch.nn.LayerNorm(C)`: eps 1e-5, float32 statistics, params `scale` / `bias`
+  (the names of `flax.linen.LayerNorm`, which the converter maps onto)."""
+  dtype: jnp.dtype = jnp.float32  # output dtype
+
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+    return layer_norm(x, scale, bias).astype(self.dtype)
 
 
 def gelu(x: jnp.ndarray) -> jnp.ndarray:
-  """`torch.nn.GELU()`: the exact erf form (Flax defaults to tanh)."""
-  return nn.gelu(x, approximate=False)
+  """`torch.nn.GELU()`: the exact form 0.5 x (1 + erf(x / sqrt 2)) (Flax defaults to tanh).
+
+  Written with `erf`, as torch computes it: `jax.nn.gelu(approximate=False)` uses
+  `erfc`, whose two-branch XLA expansion costs ~5x more on CPU; the two agree
+  within float32 rounding (max abs difference ~1e-6 for |x| <= 10).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.sqrt(0.5).astype(x.dtype)))

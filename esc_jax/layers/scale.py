@@ -7,7 +7,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-import numpy as np
 
 from esc_jax.layers.common import Conv2d, ConvParams, LayerNorm, LayerNormParams, Linear, conv2d
 
