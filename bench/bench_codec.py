@@ -177,7 +177,7 @@ def bench_profile(codec, repeats, streams, seconds=10.0):
     stages.append((f"encoder {name} {tuple(t.shape[1:])}", fn, t))
     t = jax.jit(fn)(t, p)
   stages += [
-      ("encoder (all)", lambda x, q: m.apply({"params": q}, x, method=lambda mm, x: mm._encode_feats(x)[1]), x),
+      ("encoder (all)", lambda x, q: m.apply({"params": q}, x, method=lambda mm, x: mm._analyse(x)[1]), x),
       ("encode = encoder + RVQ + up layers", lambda x, q: m.apply({"params": q}, x, streams, method=ESC.encode),
        x),
       ("decoder (to features)",
@@ -201,8 +201,7 @@ def bench_profile(codec, repeats, streams, seconds=10.0):
 
 def bench_quality(codec, keep, secs, streams, alignment_study: bool):
   from esc_jax import streaming
-  from esc_jax.losses import mel_distance
-  from esc_jax.metrics import si_sdr
+  from esc_jax.metrics import mel_distance, si_sdr
   x, whole, y_whole = keep[(secs, "whole")]
   rows = []
   variants = [("chunked N=500 C=%d" % streaming.context_frames_for(codec), keep[(secs, "chunked")][1:])]
