@@ -2,6 +2,7 @@
 
   python bench/bench_train.py                       # ESC-Base, batch 4 x 3 s, all devices
   python bench/bench_train.py --batch_size=36 --config.train.compute_dtype=bfloat16
+  python bench/bench_train.py --config configs/9kbps_adv.py      # the adversarial step
 
 Runs the real compiled train step (`train_lib.build`: loss, grads, clip, AdamW,
 quantisation dropout) on random audio sharded over a mesh of all devices;
@@ -9,6 +10,7 @@ compilation is reported separately and warm-up steps are not timed.
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import sys
@@ -26,6 +28,7 @@ flags.DEFINE_float("seconds", 3.0, "Clip length in seconds (rounded to a valid l
 flags.DEFINE_integer("warmup", 2, "Untimed warm-up steps.")
 flags.DEFINE_integer("steps", 5, "Timed steps.")
 flags.DEFINE_bool("pretrain", False, "Time a pre-training step (codebooks bypassed) instead.")
+flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.")
 flags.DEFINE_string("compile_cache", "default",
                     "Persistent XLA compilation cache folder ('default': ~/.cache/esc_jax/xla; '' disables).")
 FLAGS = flags.FLAGS
@@ -61,13 +64,24 @@ def main(argv):
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t0) / FLAGS.steps
   cpu = (time.process_time() - c0) / FLAGS.steps  # all threads of this process
+  ca = program.step.cost_analysis()
+  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+  gflop = float(ca.get("flops", float("nan"))) / 1e9
   dev = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-  print(f"build (compile) {build_s:.1f} s, of which the step {program.compile_s:.1f} s")
-  print(f"{'device':<22} {'batch':>5} {'clip':>7} {'s/step':>8} {'steps/s':>8} {'audio-s/s':>10} "
-        f"{'cpu-s/step':>10} {'load':>5}")
-  print(f"{dev:<22} {FLAGS.batch_size:>5} {length:>7} {dt:>8.3f} {1 / dt:>8.3f} "
-        f"{FLAGS.batch_size * length / 16000 / dt:>10.2f} {cpu:>10.2f} {load:>5.1f}")
+  row = dict(work="train_step_adv" if program.adversarial else "train_step", device=dev,
+             batch=FLAGS.batch_size, clip_samples=length, dtype=c.train.compute_dtype, s_per_step=dt,
+             clips_per_s=FLAGS.batch_size / dt, cpu_s_per_step=cpu, gflop_per_step=gflop,
+             gflop_per_s=gflop / dt, build_s=build_s, compile_s=program.compile_s, load=load)
+  if FLAGS.json:
+    print(json.dumps(row), flush=True)
+    return
+  print(f"build {build_s:.1f} s, of which compiling the step {program.compile_s:.1f} s "
+        f"(persistent cache: {FLAGS.compile_cache or 'off'})")
+  print(f"{'device':<22} {'batch':>5} {'clip':>7} {'s/step':>8} {'clips/s':>8} {'audio-s/s':>10} "
+        f"{'cpu-s/step':>10} {'GFLOP/s':>8} {'load':>5}")
+  print(f"{dev:<22} {FLAGS.batch_size:>5} {length:>7} {dt:>8.3f} {FLAGS.batch_size / dt:>8.3f} "
+        f"{FLAGS.batch_size * length / 16000 / dt:>10.2f} {cpu:>10.2f} {gflop / dt:>8.1f} {load:>5.1f}")
   print("(cpu-s/step: CPU time of this process per step, all threads; on a shared machine "
         "s/step depends on the load average, cpu-s/step much less)")
 

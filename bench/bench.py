@@ -1,0 +1,196 @@
+"""One table of esc-jax's speed on this machine, beside the original PyTorch ESC's.
+
+  python bench/bench.py                                   # ours only
+  python bench/bench.py --reference /tmp/esc_ref          # and the original, back to back
+  python bench/bench.py --json                            # one JSON line per row
+
+Rows (ESC-Base shapes, float32, random weights; the first, compiling call is
+never timed):
+  dot_peak         a 2048 x 2048 float32 jnp.dot: the machine's matmul peak
+  infer            encode + decode of 10 s at 9 and 1.5 kbps, and of 60 s whole
+  infer_chunked    60 s through the CLI path (compress_file + decompress_file:
+                   files, chunks of 10 s with exact context)
+  train_step       one step at batch 4 x 3 s (loss, grads, clip, AdamW), with the
+                   compile time cold and from a warm persistent cache (a restart)
+  train_step_adv   the same with the adversarial discriminator (configs/9kbps_adv.py)
+  data_pipeline    clips/s from the grain pipeline (bench_data.py, default workers)
+GFLOP come from XLA's cost analysis; "% peak" is achieved GFLOP/s over dot_peak.
+The original is timed with ../shared/tools/reference (and bench/reference_streams.py
+for 1.5 kbps) right after our rows; absolute times drift on shared machines, so
+compare ratios measured in one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+KIT = os.path.join(ROOT, "..", "shared", "tools", "reference")
+
+
+def dot_peak(n: int = 2048, repeats: int = 10) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  t = time.perf_counter()
+  for _ in range(repeats):
+    r = f(a, a)
+  r.block_until_ready()
+  return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def _flops(jitted, *args) -> float:
+  ca = jitted.lower(*args).compile().cost_analysis()
+  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+  return float(ca.get("flops", float("nan"))) / 1e9
+
+
+def infer_rows(codec, repeats: int) -> list[dict]:
+  """encode + decode, whole signal, at (10 s, 9 kbps), (10 s, 1.5 kbps), (60 s, 9 kbps)."""
+  from bench_codec import speech, timed
+  rows = []
+  for seconds, streams in ((10, 6), (10, 1), (60, 6)):
+    x = speech(seconds)[None]
+    xp, _ = codec.pad(x)
+    gflop = (_flops(codec._encode, codec.variables, xp, streams)  # pylint: disable=protected-access
+             + _flops(codec._decode, codec.variables, codec.encode(x, streams)))  # pylint: disable=protected-access
+    _, wall, cpu, _ = timed(lambda: codec.decode(codec.encode(x, streams)), repeats)
+    rows.append(dict(work="infer", audio_s=seconds, kbps=codec.kbps(streams), s=wall, rtf=wall / seconds,
+                     cpu_s=cpu, gflop=gflop, gflop_per_s=gflop / wall))
+  return rows
+
+
+def chunked_row(codec, repeats: int) -> dict:
+  """60 s through compress_file + decompress_file (the CLI's chunked path), 9 kbps."""
+  import soundfile as sf
+  from bench_codec import speech, timed
+  from esc_jax import compress
+  with tempfile.TemporaryDirectory() as tmp:
+    wav, esc, out = (os.path.join(tmp, n) for n in ("in.wav", "x.esc", "out.wav"))
+    sf.write(wav, speech(60), 16000, subtype="PCM_16")
+    run = lambda: (compress.compress_file(codec, wav, esc, codec.max_streams),  # noqa: E731
+                   compress.decompress_file(codec, esc, out))
+    _, wall, cpu, _ = timed(run, repeats)
+  return dict(work="infer_chunked", audio_s=60, kbps=codec.kbps(6), s=wall, rtf=wall / 60, cpu_s=cpu)
+
+
+def train_rows(config: str, cache: str) -> list[dict]:
+  """bench_train.py in fresh processes: cold compile (empty cache), then a restart (warm cache)."""
+  rows = []
+  for kind in ("cold", "warm"):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_train.py"), f"--config={config}",
+                        f"--compile_cache={cache}", "--json", "--steps=3" if kind == "cold" else "--steps=5"],
+                       capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+      raise SystemExit(f"bench_train failed:\n{p.stderr[-3000:]}")
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r["compile"] = kind
+    rows.append(r)
+  cold, warm = rows
+  warm["compile_cold_s"], warm["compile_warm_s"] = cold["compile_s"], warm["compile_s"]
+  return [warm]
+
+
+def data_row() -> dict:
+  from bench_data import DEFAULT_DATA, throughput
+  from esc_jax import data
+  from esc_jax.config_lib import base_config, ESC_BASE
+  files = data.scan_audio_files(DEFAULT_DATA) * 100  # a realistic list length (grain's shuffle costs ~1/length)
+  workers = int(base_config(ESC_BASE).data.num_workers)
+  r = throughput(files, 47920, 36, workers, batches=20, warmup=4)
+  return dict(work="data_pipeline", num_workers=workers, batch=36, **r)
+
+
+def reference_rows(ref: str) -> dict:
+  """The original's times: {(work, audio_s, streams or batch): seconds}."""
+  py, src = os.path.join(ref, "venv", "bin", "python"), os.path.join(ref, "src")
+  out = {}
+  for args, key in ((["infer", "10"], ("infer", 10, 6)), (["infer", "60"], ("infer", 60, 6)),
+                    (["train", "4"], ("train_step", 3, 4))):
+    p = subprocess.run([py, os.path.join(KIT, "bench_reference.py"), src, *args], capture_output=True, text=True)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    out[key] = r.get("median_s", r.get("median_step_s"))
+  p = subprocess.run([py, os.path.join(ROOT, "bench", "reference_streams.py"), src, "10", "1"],
+                     capture_output=True, text=True, env={**os.environ, "ESC_REFERENCE_KIT": KIT})
+  out[("infer", 10, 1)] = json.loads(p.stdout.strip().splitlines()[-1])["median_s"]
+  return out
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--reference", default=None, help="the reference kit's folder (venv/ and src/), e.g. /tmp/esc_ref")
+  p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--skip", default="", help="comma-separated: infer,chunked,train,adv,data")
+  p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
+  args = p.parse_args()
+  skip = set(filter(None, args.skip.split(",")))
+  import jax
+  from bench_codec import make_codec
+  from esc_jax import runtime
+  cache = tempfile.mkdtemp(prefix="esc_bench_xla_")
+  runtime.enable_compile_cache(cache)
+  peak = dot_peak()
+  rows = [dict(work="dot_peak", gflop_per_s=peak)]
+  codec = make_codec("random") if not {"infer", "chunked"} <= skip else None
+  if "infer" not in skip:
+    rows += infer_rows(codec, args.repeats)
+  if "chunked" not in skip:
+    rows.append(chunked_row(codec, args.repeats))
+  if "train" not in skip:
+    rows += train_rows(os.path.join(ROOT, "configs", "9kbps.py"), cache)
+  if "adv" not in skip:
+    rows += train_rows(os.path.join(ROOT, "configs", "9kbps_adv.py"), cache)
+  if "data" not in skip:
+    rows.append(data_row())
+  ref = reference_rows(args.reference) if args.reference else {}
+  for r in rows:
+    if "gflop_per_s" in r and r["work"] != "dot_peak":
+      r["pct_peak"] = 100 * r["gflop_per_s"] / peak
+    key = {"infer": lambda: ("infer", r["audio_s"], round(r["kbps"] / 1.5)),
+           "train_step": lambda: ("train_step", 3, r["batch"])}.get(r["work"])
+    if key and key() in ref:
+      mine = r["s"] if r["work"] == "infer" else r["s_per_step"]
+      r["original_s"], r["ratio"] = ref[key()], ref[key()] / mine
+  device = f"{len(jax.devices())} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs"
+  load = os.getloadavg()[0]
+  if args.json:
+    for r in rows:
+      print(json.dumps({**r, "device": device, "load": load}))
+    return
+  print(f"esc-jax {jax.__version__} on {device}, load average {load:.1f}")
+  print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}  notes")
+  for r in rows:
+    w = r["work"]
+    if w == "dot_peak":
+      setting, ours, note = "2048^2 float32", "", ""
+    elif w.startswith("infer"):
+      setting = f"{r['audio_s']:g} s, {r['kbps']:g} kbps" + (", CLI chunks" if w == "infer_chunked" else "")
+      ours, note = f"{r['s']:.3f} s", f"RTF {r['rtf']:.3f}, {r['cpu_s']:.2f} CPU-s"
+    elif w.startswith("train"):
+      setting = f"batch {r['batch']} x 3 s"
+      ours = f"{r['s_per_step']:.2f} s"
+      note = (f"{r['clips_per_s']:.2f} clips/s, {r['cpu_s_per_step']:.1f} CPU-s, compile {r['compile_cold_s']:.0f} s "
+              f"cold / {r['compile_warm_s']:.1f} s warm cache")
+    else:
+      setting, ours = f"{r['num_workers']} workers, batch 36", f"{r['clips_per_s']:.0f}/s"
+      note = f"{r['cpu_ms_per_clip']:.2f} CPU-ms per clip"
+    orig = f"{r['original_s']:.3f} s" if "original_s" in r else ""
+    ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
+    gf = f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else ""
+    pct = f"{r['pct_peak']:.0f}%" if "pct_peak" in r else ""
+    print(f"{w:<15} {setting:<24} {ours:>10} {orig:>9} {ratio:>6} {gf:>8} {pct:>7}  {note}")
+
+
+if __name__ == "__main__":
+  main()
