@@ -50,6 +50,21 @@ def to_mono(data: np.ndarray, channel: str = "mean") -> np.ndarray:
   raise ValueError(f"channel must be one of {CHANNEL_MODES}, got {channel!r}")
 
 
+def _resampler(rate: int, target_sr: int):
+  """A soxr.ResampleStream (VHQ, mono float32) from `rate` to `target_sr`, or None if equal."""
+  if rate == target_sr:
+    return None
+  import soxr
+  return soxr.ResampleStream(rate, target_sr, 1, dtype="float32", quality="VHQ")
+
+
+def _at_rate(x: np.ndarray, rs, last: bool) -> np.ndarray:
+  """A mono block through the block reader's resampler (None: already at the target rate)."""
+  if rs is not None:
+    x = rs.resample_chunk(x, last=last)
+  return np.ascontiguousarray(x, dtype=np.float32)
+
+
 def _check_finite(data: np.ndarray, path: str) -> None:
   if data.size and not np.all(np.isfinite(data)):
     raise ValueError(f"audio file {path} contains NaN or infinite samples")
@@ -153,11 +168,7 @@ class AudioReader:
 
   def blocks(self) -> Iterator[np.ndarray]:
     """Yields (n,) float32 blocks at `target_sr`; ValueError on bad data."""
-    import soxr
-
-    rs = None
-    if self.sample_rate != self.target_sr:
-      rs = soxr.ResampleStream(self.sample_rate, self.target_sr, 1, dtype="float32", quality="VHQ")
+    rs = _resampler(self.sample_rate, self.target_sr)
     total = 0
     while True:
       try:
@@ -169,10 +180,9 @@ class AudioReader:
       x = to_mono(data, self.channel)
       total += len(x)
       self.input_frames = total
-      if rs is not None:
-        x = rs.resample_chunk(x, last=last)
+      x = _at_rate(x, rs, last)
       if len(x):
-        yield np.ascontiguousarray(x, dtype=np.float32)
+        yield x
       if last:
         break
     if total == 0:
@@ -294,11 +304,7 @@ class WavStreamReader:
 
   def blocks(self) -> Iterator[np.ndarray]:
     """Yields (n,) float32 blocks at `target_sr`; ValueError on bad data."""
-    import soxr
-
-    rs = None
-    if self.sample_rate != self.target_sr:
-      rs = soxr.ResampleStream(self.sample_rate, self.target_sr, 1, dtype="float32", quality="VHQ")
+    rs = _resampler(self.sample_rate, self.target_sr)
     fb, rest = self._frame_bytes, b""
     while True:
       want = self.block * fb if self._remaining is None else min(self.block * fb, self._remaining)
@@ -313,10 +319,9 @@ class WavStreamReader:
       _check_finite(x, self.name)
       x = to_mono(x, self.channel)
       self.input_frames += len(x)
-      if rs is not None:
-        x = rs.resample_chunk(x, last=last)
+      x = _at_rate(x, rs, last)
       if len(x):
-        yield np.ascontiguousarray(x, dtype=np.float32)
+        yield x
       if last:
         break
     if self.input_frames == 0:
@@ -386,11 +391,8 @@ class AudioWriter:
   HOLD = 256  # >> the few samples by which a resampled length can exceed the target
 
   def __init__(self, sink, sample_rate: int, out_rate: int, clip: bool):
-    import soxr
     self._sink, self.sample_rate, self.out_rate, self._clip = sink, sample_rate, out_rate, clip
-    self._rs = None
-    if out_rate != sample_rate:
-      self._rs = soxr.ResampleStream(sample_rate, out_rate, 1, dtype="float32", quality="VHQ")
+    self._rs = _resampler(sample_rate, out_rate)
     self._held = np.zeros(0, np.float32)
     self.written = 0
 

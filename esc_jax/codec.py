@@ -204,6 +204,23 @@ class CodecBase(nn.Module):
     if isinstance(s, int) and not 1 <= s <= self.max_streams:
       raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {s}")
 
+  def _check_codes(self, codes) -> int:
+    """The stream count of codes (B, s, group_size, T'); ValueError outside 1..max_streams."""
+    s = codes.shape[1]
+    if not 1 <= s <= self.max_streams:
+      raise ValueError(f"codes carry {s} streams; expected 1..{self.max_streams}")
+    return s
+
+  # ---- decoding (each variant defines `_decode`: codes -> (decoder maps, features, audio)) ----
+  def decode_features(self, codes):
+    """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
+    dec_hs, feat, _ = self._decode(codes)
+    return [_tokens(h) for h in dec_hs], feat
+
+  def decode(self, codes):
+    """codes (B, s, group_size, T') -> (B, frames_to_samples(T')) audio."""
+    return self._decode(codes)[2]
+
   def _backbone(self):
     """(encoder, decoder) of this configuration."""
     dec_h = tuple(self.h_dims)[::-1]
@@ -362,20 +379,9 @@ class ESC(CodecBase):
 
   def _decode(self, codes):
     """codes (B, s, group_size, T') -> (decoder maps, recon_feat (B, 2, F, 4T'), audio)."""
-    s = codes.shape[1]
-    if not 1 <= s <= self.max_streams:
-      raise ValueError(f"codes carry {s} streams; expected 1..{self.max_streams}")
+    s = self._check_codes(codes)
     dec_hs, _ = self.cross_scale(lambda i, _: dict(z_q=self.quantizers[i].decode(codes[:, i])), s)
     return (dec_hs, *self._synthesise(dec_hs[-1]))
-
-  def decode_features(self, codes):
-    """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
-    dec_hs, feat, _ = self._decode(codes)
-    return [_tokens(h) for h in dec_hs], feat
-
-  def decode(self, codes):
-    """codes (B, s, group_size, T') -> (B, frames_to_samples(T')) audio."""
-    return self._decode(codes)[2]
 
   def round_trip(self, x, num_streams):
     """`encode(x, s)` then `decode` with s traced: one program serves every bitrate.
@@ -462,19 +468,9 @@ class RVQCodec(CodecBase):
     return self.quantizers.encode(self._analyse(x)[1][-1], num_streams)
 
   def _decode(self, codes):
-    s = codes.shape[1]
-    if not 1 <= s <= self.max_streams:
-      raise ValueError(f"codes carry {s} streams; expected 1..{self.max_streams}")
+    """codes (B, s, group_size, T') -> (decoder maps, recon_feat (B, 2, F, 4T'), audio)."""
+    self._check_codes(codes)
     return self._decode_map(self.quantizers.decode(codes))
-
-  def decode_features(self, codes):
-    """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
-    dec_hs, feat, _ = self._decode(codes)
-    return [_tokens(h) for h in dec_hs], feat
-
-  def decode(self, codes):
-    """codes (B, s, group_size, T') -> (B, frames_to_samples(T')) audio."""
-    return self._decode(codes)[2]
 
   def round_trip(self, x, num_streams):
     """`encode(x, s)` then `decode` with s traced: one program serves every bitrate.
