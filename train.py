@@ -1,4 +1,4 @@
-"""Train ESC (the original's non-adversarial recipe) on a folder of audio.
+"""Train ESC (the original's recipe; adversarial with configs/9kbps_adv.py) on a folder of audio.
 
   python train.py --config configs/9kbps.py --workdir runs/esc_base \
       --config.data.train_dir=/data/train --config.data.val_dir=/data/val \
@@ -49,11 +49,12 @@ def main(argv):
   runtime.maybe_initialize_distributed()
   runtime.enable_compile_cache(FLAGS.compile_cache or None)
   import jax
-  from esc_jax import data, train_lib
+  from esc_jax import checkpoint, data, train_lib
   logging.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())
   try:
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (train_lib.NonFiniteLossError, train_lib.ConfigError, data.DataError) as e:
+  except (train_lib.NonFiniteLossError, train_lib.ConfigError, data.DataError,
+          checkpoint.CheckpointError) as e:
     logging.error("%s", e)
     print(f"error: {e}", file=sys.stderr)
     return 1

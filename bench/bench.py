@@ -85,16 +85,21 @@ def chunked_row(codec, repeats: int) -> dict:
   return dict(work="infer_chunked", audio_s=60, kbps=codec.kbps(6), s=wall, rtf=wall / 60, cpu_s=cpu)
 
 
+def _json_run(cmd: list[str], what: str, **kw) -> dict:
+  """Runs cmd and parses its last stdout line as JSON; SystemExit with its stderr if it fails."""
+  p = subprocess.run(cmd, capture_output=True, text=True, **kw)
+  if p.returncode or not p.stdout.strip():
+    raise SystemExit(f"{what} failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+  return json.loads(p.stdout.strip().splitlines()[-1])
+
+
 def train_rows(config: str, cache: str) -> list[dict]:
   """bench_train.py in fresh processes: cold compile (empty cache), then a restart (warm cache)."""
   rows = []
   for kind in ("cold", "warm"):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_train.py"), f"--config={config}",
-                        f"--compile_cache={cache}", "--json", "--steps=3" if kind == "cold" else "--steps=5"],
-                       capture_output=True, text=True, cwd=ROOT)
-    if p.returncode:
-      raise SystemExit(f"bench_train failed:\n{p.stderr[-3000:]}")
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r = _json_run([sys.executable, os.path.join(ROOT, "bench", "bench_train.py"), f"--config={config}",
+                   f"--compile_cache={cache}", "--json", "--steps=3" if kind == "cold" else "--steps=5"],
+                  "bench_train", cwd=ROOT)
     r["compile"] = kind
     rows.append(r)
   cold, warm = rows
@@ -103,10 +108,11 @@ def train_rows(config: str, cache: str) -> list[dict]:
 
 
 def data_row() -> dict:
-  from bench_data import DEFAULT_DATA, throughput
+  from bench_data import DEFAULT_DATA, synthetic_folder, throughput
   from esc_jax import data
   from esc_jax.config_lib import base_config, ESC_BASE
-  files = data.scan_audio_files(DEFAULT_DATA) * 100  # a realistic list length (grain's shuffle costs ~1/length)
+  folder = DEFAULT_DATA if os.path.isdir(DEFAULT_DATA) else synthetic_folder(40)
+  files = data.scan_audio_files(folder) * 100  # a realistic list length (grain's shuffle costs ~1/length)
   workers = int(base_config(ESC_BASE).data.num_workers)
   r = throughput(files, 47920, 36, workers, batches=20, warmup=4)
   return dict(work="data_pipeline", num_workers=workers, batch=36, **r)
@@ -118,12 +124,10 @@ def reference_rows(ref: str) -> dict:
   out = {}
   for args, key in ((["infer", "10"], ("infer", 10, 6)), (["infer", "60"], ("infer", 60, 6)),
                     (["train", "4"], ("train_step", 3, 4))):
-    p = subprocess.run([py, os.path.join(KIT, "bench_reference.py"), src, *args], capture_output=True, text=True)
-    r = json.loads(p.stdout.strip().splitlines()[-1])
+    r = _json_run([py, os.path.join(KIT, "bench_reference.py"), src, *args], "the reference's " + " ".join(args))
     out[key] = r.get("median_s", r.get("median_step_s"))
-  p = subprocess.run([py, os.path.join(ROOT, "bench", "reference_streams.py"), src, "10", "1"],
-                     capture_output=True, text=True, env={**os.environ, "ESC_REFERENCE_KIT": KIT})
-  out[("infer", 10, 1)] = json.loads(p.stdout.strip().splitlines()[-1])["median_s"]
+  out[("infer", 10, 1)] = _json_run([py, os.path.join(ROOT, "bench", "reference_streams.py"), src, "10", "1"],
+                                    "reference_streams", env={**os.environ, "ESC_REFERENCE_KIT": KIT})["median_s"]
   return out
 
 

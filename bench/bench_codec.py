@@ -86,7 +86,7 @@ def make_codec(params_kind: str):
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 560)))["params"]
   else:
     params = random_params(model)
-  print(f"ESC-Base params ({params_kind}): {time.perf_counter() - t:.1f} s", flush=True)
+  print(f"ESC-Base params ({params_kind}): {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
   return Codec(model, params, {"model": ESC_BASE})
 
 

@@ -53,11 +53,14 @@ class NullCodec:
   def num_frames(self, n: int) -> int:
     return self._num_frames(n)
 
+  def frames_to_samples(self, t: int) -> int:
+    return t * self.samples_per_frame - self.hop
+
   def encode(self, x, num_streams):
     return np.zeros((1, num_streams, self.group_size, self.num_frames(np.shape(x)[-1])), np.int32)
 
   def decode(self, codes):
-    return np.zeros((1, np.shape(codes)[-1] * self.samples_per_frame - self.hop), np.float32)
+    return np.zeros((1, self.frames_to_samples(np.shape(codes)[-1])), np.float32)
 
 
 def measure_latency(codec, segment_frames: int, context_frames: int, seconds: float = 30.0,
@@ -75,7 +78,8 @@ def measure_latency(codec, segment_frames: int, context_frames: int, seconds: fl
   enc = streaming.ChunkedEncoder(null, 1, n, context_frames)
   writer = bitstream.StreamWriter(io.BytesIO(), header, flush=False)
   dec = streaming.ChunkedDecoder(null, n, context_frames)
-  total = int(seconds * SR)
+  # Long enough that whole segments remain well before the end (see `last` below).
+  total = max(int(seconds * SR), (4 * (n + 2 * context_frames) + 2 * f) * spf)
   seg_time, out_time = [], np.zeros(total, np.int64)
   pending, given, out = [], 0, 0
   for pushed in range(step, total + 1, step):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esc_jax import bitstream
+from esc_jax import audio, bitstream
 from esc_jax import checkpoint as ckpt
 from esc_jax.codec import make_model
 
@@ -44,7 +44,7 @@ class Codec:
       convolution variants), or None.
   """
 
-  sample_rate = 16000
+  sample_rate = audio.SAMPLE_RATE
 
   def __init__(self, model, params, config: Mapping[str, Any] | None = None,
                state: Mapping[str, Any] | None = None):
@@ -85,6 +85,10 @@ class Codec:
 
   def num_frames(self, n: int) -> int:
     return self.model.num_frames(n)
+
+  def frames_to_samples(self, frames: int) -> int:
+    """The valid length that `frames` code frames decode to."""
+    return self.model.frames_to_samples(frames)
 
   def kbps(self, num_streams: int) -> float:
     return float(self.model.kbps(num_streams))
@@ -151,8 +155,8 @@ class Codec:
       raise ValueError("codes are empty (T' = 0)")
     wav = np.asarray(self._decode(self.variables, c.astype(np.int32)))
     if length is not None:
-      if length > wav.shape[1]:
-        raise ValueError(f"length {length} exceeds the decoded length {wav.shape[1]}")
+      if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 < length <= wav.shape[1]:
+        raise ValueError(f"length must be an integer in 1..{wav.shape[1]} (the decoded length), got {length!r}")
       wav = wav[:, :length]
     return wav
 

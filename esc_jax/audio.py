@@ -33,7 +33,7 @@ def hann_window(win_length: int, n_fft: int) -> np.ndarray:
   return out.astype(np.float32)
 
 
-def _frames(x: jnp.ndarray, n_fft: int, hop: int, num_frames: int):
+def frame_signal(x: jnp.ndarray, n_fft: int, hop: int, num_frames: int):
   """(B, L') -> (B, T, n_fft) frames at stride `hop` (slices only, no gather)."""
   per = -(-n_fft // hop)  # hops spanned by one frame
   need = (num_frames + per - 1) * hop
@@ -58,7 +58,7 @@ def stft(x: jnp.ndarray, n_fft: int = N_FFT, win_length: int = WIN_LENGTH,
     raise ValueError(f"audio of {x.shape[1]} samples is too short for reflect padding ({pad})")
   num_frames = 1 + x.shape[1] // hop
   xp = jnp.pad(x, ((0, 0), (pad, pad)), mode="reflect")
-  frames = _frames(xp, n_fft, hop, num_frames) * hann_window(win_length, n_fft)
+  frames = frame_signal(xp, n_fft, hop, num_frames) * hann_window(win_length, n_fft)
   spec = jnp.fft.rfft(frames, n=n_fft, axis=-1)  # (B, T, F)
   feat = jnp.stack([spec.real, spec.imag], axis=1)  # (B, 2, T, F)
   return jnp.swapaxes(feat, 2, 3).astype(jnp.float32)

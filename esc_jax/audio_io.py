@@ -20,7 +20,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 import numpy as np
 
-from esc_jax.files import atomic_path, find_files
+from esc_jax.files import atomic_path, find_files, is_path, seekable
 
 MODEL_RATE = 16000
 # What libsndfile reads (soundfile); the one list used by training, evaluation and the CLI.
@@ -345,7 +345,7 @@ class _WavStreamSink:
     if subtype.upper() not in ("PCM_16", "FLOAT"):
       raise ValueError(f"a WAV stream is written as PCM_16 or FLOAT, not {subtype}")
     self._f, self.rate, self.subtype = f, rate, subtype.upper()
-    self._origin = f.tell() if _seekable(f) else None
+    self._origin = f.tell() if seekable(f) else None
     self.frames = 0
     self._started = False
 
@@ -370,13 +370,6 @@ class _WavStreamSink:
       self._f.write(wav_header(self.rate, 1, self.subtype, self.frames))
       self._f.seek(end)
     self._f.flush()
-
-
-def _seekable(f) -> bool:
-  try:
-    return bool(f.seekable())
-  except (AttributeError, OSError, ValueError):
-    return False
 
 
 class AudioWriter:
@@ -427,10 +420,17 @@ class AudioWriter:
     return length
 
 
+def _clips(subtype: str) -> bool:
+  """Whether samples must be clipped to [-1, 1] for `subtype` (all but float formats)."""
+  return subtype.upper() not in ("FLOAT", "DOUBLE")
+
+
 @contextlib.contextmanager
 def open_audio_writer(dst, sample_rate: int = MODEL_RATE, out_rate: int | None = None,
-                      subtype: str = "PCM_16") -> Iterator[AudioWriter]:
+                      subtype: str | None = None) -> Iterator[AudioWriter]:
   """An `AudioWriter` to a file path (atomic; format by extension) or a binary stream (WAV).
+
+  subtype: a soundfile subtype; None = PCM_16 for WAV and streams, else the format's default.
 
   A path is complete only after the block exits without error (a failure
   leaves nothing). A stream gets the WAV header with the first samples and
@@ -440,14 +440,16 @@ def open_audio_writer(dst, sample_rate: int = MODEL_RATE, out_rate: int | None =
   import soundfile as sf
 
   out_rate = int(out_rate or sample_rate)
-  clip = subtype.upper() not in ("FLOAT", "DOUBLE")
-  if not isinstance(dst, (str, os.PathLike)):
+  if not is_path(dst):
+    subtype = subtype or "PCM_16"
     sink = _WavStreamSink(dst, out_rate, subtype)
-    yield AudioWriter(sink, sample_rate, out_rate, clip)
+    yield AudioWriter(sink, sample_rate, out_rate, _clips(subtype))
     sink.close()
     return
   path = os.fspath(dst)
   fmt = _format_of(path)
+  subtype = subtype or ("PCM_16" if fmt == "WAV" else sf.default_subtype(fmt))
+  clip = _clips(subtype)
   with atomic_path(path) as tmp:
     try:
       f = sf.SoundFile(tmp, "w", samplerate=out_rate, channels=1, subtype=subtype, format=fmt)
@@ -458,7 +460,7 @@ def open_audio_writer(dst, sample_rate: int = MODEL_RATE, out_rate: int | None =
 
 
 def write_audio_blocks(path, blocks: Iterable[np.ndarray], num_samples: int, sample_rate: int = MODEL_RATE,
-                       out_rate: int | None = None, subtype: str = "PCM_16") -> int:
+                       out_rate: int | None = None, subtype: str | None = None) -> int:
   """Writes mono float blocks at `sample_rate` to `path` incrementally and atomically.
 
   The output is resampled to `out_rate` (default `sample_rate`) with

@@ -96,8 +96,8 @@ to writing S' streams directly. Seeking (seekable files): full segment k is
 at a computed offset and the trailer is found from the file size
 (`StreamReader.read_trailer`, `StreamReader.seek`, `segment_range`).
 
-v1 (read only; `encode_stream(..., version=1)` still writes it)
----------------------------------------------------------------
+v1 (legacy: read; written only by `encode_stream(..., version=1)`)
+------------------------------------------------------------------
 A 41-byte header (`<4sBBIQBBBII8s` + u32 CRC), then all codes:
 
        0    4 bytes magic          b"ESCJ"
@@ -133,11 +133,11 @@ import os
 import struct
 import warnings
 import zlib
-from typing import BinaryIO, Callable, ClassVar, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
-from esc_jax.files import write_bytes_atomic
+from esc_jax.files import seekable, write_bytes_atomic
 
 MAGIC = b"ESCJ"
 TRAILER_MAGIC = b"ESCE"
@@ -309,8 +309,6 @@ class StreamHeader:
   version: int = VERSION
   flags: int = 0
   crc32: int = 0
-
-  HEADER_SIZE: ClassVar[int] = HEADER_SIZE  # v1, kept for compatibility
 
   @property
   def header_size(self) -> int:
@@ -506,10 +504,10 @@ class StreamWriter:
 
 
 def encode_stream(codes: np.ndarray, *, num_samples: int, sample_rate: int, codebook_size: int,
-                  fingerprint: bytes, chunk_frames: int = 0, version: int = 1,
+                  fingerprint: bytes, chunk_frames: int = 0, version: int = 2,
                   input_samples: int | None = None, segment_frames: int = DEFAULT_SEGMENT_FRAMES,
                   frame_samples: int = FRAME_SAMPLES, model_rate: int = MODEL_SAMPLE_RATE) -> bytes:
-  """Serialises (S, G, T) codes into `.esc` bytes, v1 (default, legacy) or v2.
+  """Serialises (S, G, T) codes into `.esc` bytes, v2 (default) or v1 (legacy, for compatibility tests).
 
   The v2 arguments (input_samples, segment_frames, frame_samples,
   model_rate) are ignored for v1; v2 writes through `StreamWriter`.
@@ -643,7 +641,7 @@ class StreamReader:
       raise BitstreamError(f"expected bytes or a binary file object, got {type(src).__name__}")
     self._f = src
     self._origin = 0  # where the stream starts in a seekable file
-    if getattr(src, "seekable", lambda: False)():
+    if seekable(src):
       self._origin = src.tell()
     self._buf = bytearray()
     self._eof = False
@@ -871,7 +869,7 @@ class StreamReader:
     a file that is truncated, damaged at its end or followed by extra bytes.
     Once found it is also `self.trailer`.
     """
-    if self.trailer is not None or not getattr(self._f, "seekable", lambda: False)():
+    if self.trailer is not None or not seekable(self._f):
       return self.trailer
     h = self.header
     pos = self._f.tell()
@@ -899,7 +897,7 @@ class StreamReader:
     nothing before it is read. Past the last segment, iteration yields nothing.
     """
     h = self.header
-    if h.version != 2 or not getattr(self._f, "seekable", lambda: False)():
+    if h.version != 2 or not seekable(self._f):
       raise ValueError("seek needs a v2 stream in a seekable file")
     index = _check_int("index", index, 0, _U64_MAX)
     trailer = self.read_trailer()
@@ -983,13 +981,14 @@ def decode_stream(data: bytes) -> tuple[StreamHeader, np.ndarray]:
 
 
 def transcode(src, num_streams: int, dst: BinaryIO | None = None, *,
-              segment_frames: int | None = None) -> bytes | None:
+              segment_frames: int | None = None) -> bytes | StreamHeader:
   """Rewrites a stream (bytes, binary file or a strict `StreamReader`; v1 or v2) with its first
   `num_streams` streams.
 
   No model is needed: ESC's first S' streams are its S'-stream encoding, so
   the result is bit-identical to writing those codes directly. Segments are
-  written to `dst` as they are read (returns None), or returned as bytes.
+  written to `dst` as they are read (returns the written header, with totals),
+  or returned as bytes.
   segment_frames: re-segment (default: keep; v1 sources get the default).
   Strict: BitstreamError if the source is damaged.
   """
@@ -1010,7 +1009,7 @@ def transcode(src, num_streams: int, dst: BinaryIO | None = None, *,
   for seg in reader:
     writer.write_frames(seg.codes[:num_streams])
   writer.close(reader.trailer.num_samples, reader.trailer.input_samples)
-  return out.getvalue() if dst is None else None
+  return out.getvalue() if dst is None else out_header.with_trailer(reader.trailer)
 
 
 # ---- files ------------------------------------------------------------------

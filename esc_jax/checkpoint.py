@@ -111,8 +111,13 @@ def save_codec(directory, variables, model_config: Mapping[str, Any], model_name
       mngr.wait_until_finished()
     if directory.exists():
       old = directory.with_name(f".{directory.name}.old")
+      shutil.rmtree(old, ignore_errors=True)  # left by an interrupted overwrite
       os.replace(directory, old)
-      os.replace(tmp, directory)
+      try:
+        os.replace(tmp, directory)
+      except BaseException:
+        os.replace(old, directory)  # put the previous codec back
+        raise
       shutil.rmtree(old, ignore_errors=True)
     else:
       os.replace(tmp, directory)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from esc_jax import audio
 from esc_jax.layers.attention import TransformerLayer
@@ -184,8 +185,8 @@ class CodecBase(nn.Module):
     STFT, patch (de-)embedding and frame grouping add a few frames more, which
     `esc_jax.streaming.context_frames_for` covers.
     """
-    if self.backbone == "convolution":  # 2 convs per residual unit and the scaling conv
-      per_layer = (2 * self.conv_depth + 1) * (self.kernel_size[1] - 1)
+    if self.backbone == "convolution":  # residual units: 2 convs of width 2; then the scaling conv
+      per_layer = 2 * self.conv_depth + (self.kernel_size[1] - 1)
     else:
       per_layer = self.swin_depth * (self.window_size // 2)
     return per_layer * self._path_layers() / self.overlap
@@ -199,10 +200,17 @@ class CodecBase(nn.Module):
       raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
     if len(self.h_dims) != self.max_streams:
       raise ValueError(f"h_dims has {len(self.h_dims)} scales but max_streams={self.max_streams}")
+    if self.backbone == "transformer" and len(self.swin_heads) != len(self.h_dims) - 1:
+      raise ValueError(f"swin_heads has {len(self.swin_heads)} entries; expected len(h_dims) - 1 = "
+                       f"{len(self.h_dims) - 1}")
 
   def _check_streams(self, s):
-    if isinstance(s, int) and not 1 <= s <= self.max_streams:
-      raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {s}")
+    """A concrete stream count (Python or numpy integer) as an int in 1..max_streams; traced s as is."""
+    if isinstance(s, (int, np.integer)):
+      s = int(s)
+      if not 1 <= s <= self.max_streams:
+        raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {s}")
+    return s
 
   def _check_codes(self, codes) -> int:
     """The stream count of codes (B, s, group_size, T'); ValueError outside 1..max_streams."""
@@ -284,6 +292,11 @@ class ESC(CodecBase):
     """`encode` runs the encoder and the first max_streams - 2 up layers (residuals of later streams)."""
     return len(self.h_dims) + max(self.max_streams - 2, 0)
 
+  def _check_config(self):
+    super()._check_config()
+    if len(self.codebook_dims) != self.max_streams:
+      raise ValueError(f"codebook_dims has {len(self.codebook_dims)} entries but max_streams={self.max_streams}")
+
   def setup(self):
     self._check_config()
     dec_h = tuple(self.h_dims)[::-1]
@@ -360,7 +373,7 @@ class ESC(CodecBase):
       num_streams = jnp.where(freeze_codebook, self.max_streams, num_streams)
       stream = lambda i, r: self.quantizers[i](r, True, freeze_codebook)
     else:
-      self._check_streams(num_streams)
+      num_streams = self._check_streams(num_streams)
       stream = lambda i, r: self.quantizers[i](r, False)
     dec_hs, outs = self.cross_scale(stream, num_streams, enc_hs, train=train)
     cm = sum(jnp.where(o["on"], o["cm_loss"], 0.0) for o in outs)
@@ -373,7 +386,7 @@ class ESC(CodecBase):
   # ---- codec ----
   def encode(self, x, num_streams: int = 6):
     """(B, L) audio -> int32 codes (B, num_streams, group_size, W/overlap)."""
-    self._check_streams(num_streams)
+    num_streams = self._check_streams(num_streams)
     _, outs = self.cross_scale(self._code_stream, num_streams, self._analyse(x)[1], full=False)
     return jnp.stack([o["codes"] for o in outs], 1)
 
@@ -387,7 +400,8 @@ class ESC(CodecBase):
     """`encode(x, s)` then `decode` with s traced: one program serves every bitrate.
 
     Returns (codes (B, max_streams, group_size, W/overlap), audio (B, L')); codes[:, :s]
-    and the audio are bit-identical to `encode` + `decode`.
+    and the audio are bit-identical to `encode` + `decode`. (A Python int s gives
+    only the s transmitted streams' codes.)
     """
     _, enc_hs = self._analyse(x)
     dec_hs, outs = self.cross_scale(self._code_stream, num_streams, enc_hs)
@@ -426,11 +440,14 @@ class RVQCodec(CodecBase):
   sr: int = 16000
   dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
 
-  def setup(self):
-    self._check_config()
+  def _check_config(self):
+    super()._check_config()
     if self.num_rvqs != self.max_streams:
       raise ValueError(f"num_rvqs={self.num_rvqs} must equal max_streams={self.max_streams} "
                        "(the residual depth is the number of streams)")
+
+  def setup(self):
+    self._check_config()
     self.encoder, self.decoder = self._backbone()
     h0 = self.in_freq // self.patch_size[0]
     self.quantizers = ProductResidualVQ(self.h_dims[-1], h0 // 2 ** (self.max_streams - 1), self.overlap,
@@ -455,7 +472,7 @@ class RVQCodec(CodecBase):
     if train:
       q = self.quantizers(enc_hs[-1], num_streams, True, freeze_codebook)
     else:
-      self._check_streams(num_streams)
+      num_streams = self._check_streams(num_streams)
       q = self.quantizers(enc_hs[-1], num_streams, False)
     dec_hs, recon_feat, recon_audio = self._decode_map(q["z_q"], train)
     return dict(raw_feat=feat, recon_feat=recon_feat, recon_audio=recon_audio, codes=q["codes"],
@@ -464,7 +481,7 @@ class RVQCodec(CodecBase):
 
   def encode(self, x, num_streams: int = 6):
     """(B, L) audio -> int32 codes (B, num_streams, group_size, W/overlap)."""
-    self._check_streams(num_streams)
+    num_streams = self._check_streams(num_streams)
     return self.quantizers.encode(self._analyse(x)[1][-1], num_streams)
 
   def _decode(self, codes):
@@ -511,7 +528,9 @@ def make_model(model_config, model_name: str = "csvq+swinT", dtype=jnp.float32) 
   for k in _SEQUENCES:
     if k in kw:
       kw[k] = tuple(kw[k])
-  return cls(**kw, dtype=dtype)
+  model = cls(**kw, dtype=dtype)
+  model._check_config()  # noqa: SLF001 (setup checks again; this raises before any tracing)
+  return model
 
 
 def num_params(params) -> int:

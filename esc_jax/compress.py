@@ -27,6 +27,7 @@ up to its last whole segment. strict=True makes either an error instead.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import pathlib
 from typing import BinaryIO, Callable, Iterator
@@ -36,7 +37,7 @@ import numpy as np
 from esc_jax import bitstream
 from esc_jax.api import Codec
 from esc_jax.audio_io import MODEL_RATE, AudioReader, WavStreamReader, open_audio_writer
-from esc_jax.files import atomic_path, find_files
+from esc_jax.files import find_files, is_path, open_atomic, seekable
 from esc_jax.streaming import (ALIGN_FRAMES, DEFAULT_CHUNK_FRAMES, DEFAULT_CROSSFADE, ChunkedDecoder,
                                ChunkedEncoder, context_frames_for, decode_span)
 
@@ -48,23 +49,12 @@ class CodecMismatchError(ValueError):
   """A `.esc` stream that was not made by the loaded codec."""
 
 
-def _is_path(x) -> bool:
-  return isinstance(x, (str, os.PathLike))
-
-
 def _name(x) -> str:
   """A path, or a stream's name (sys.stdin.buffer: "<stdin>")."""
-  if _is_path(x):
+  if is_path(x):
     return os.fspath(x)
   name = getattr(x, "name", None)
   return name if isinstance(name, str) else "stream"
-
-
-def _seekable(f) -> bool:
-  try:
-    return bool(f.seekable())
-  except (AttributeError, OSError, ValueError):
-    return False
 
 
 def _seconds_progress(codec: Codec, progress):
@@ -76,19 +66,17 @@ def _seconds_progress(codec: Codec, progress):
 @contextlib.contextmanager
 def _output(dst) -> Iterator[BinaryIO]:
   """A binary file to write: a path (atomic, flushed to disk before the rename) or the stream itself."""
-  if not _is_path(dst):
+  if not is_path(dst):
     yield dst
     dst.flush()
     return
-  with atomic_path(dst) as tmp, open(tmp, "wb") as f:
+  with open_atomic(dst) as f:
     yield f
-    f.flush()
-    os.fsync(f.fileno())
 
 
 @contextlib.contextmanager
 def _input(src, what: str = ".esc file") -> Iterator[BinaryIO]:
-  if not _is_path(src):
+  if not is_path(src):
     yield src
     return
   try:
@@ -102,7 +90,7 @@ def _input(src, what: str = ".esc file") -> Iterator[BinaryIO]:
 @contextlib.contextmanager
 def _audio_reader(src, raw_rate: int | None):
   """AudioReader (a sound file path) or WavStreamReader (a byte stream, or raw PCM)."""
-  if _is_path(src) and raw_rate is None:
+  if is_path(src) and raw_rate is None:
     with AudioReader(src) as reader:
       yield reader
   else:
@@ -129,7 +117,7 @@ def compress_file(codec: Codec, src, dst, num_streams: int, chunk_frames: int | 
   equal whole-file encoding). progress is called with seconds of audio coded.
   """
   if chunk_frames is None:
-    chunk_frames = DEFAULT_CHUNK_FRAMES if _is_path(src) else -(-segment_frames // ALIGN_FRAMES) * ALIGN_FRAMES
+    chunk_frames = DEFAULT_CHUNK_FRAMES if is_path(src) else -(-segment_frames // ALIGN_FRAMES) * ALIGN_FRAMES
   context_frames = context_frames_for(codec) if context_frames is None else context_frames
   enc = ChunkedEncoder(codec, num_streams, chunk_frames, context_frames, _seconds_progress(codec, progress))
   with _audio_reader(src, raw_rate) as reader:
@@ -139,7 +127,7 @@ def compress_file(codec: Codec, src, dst, num_streams: int, chunk_frames: int | 
         chunk_frames=chunk_frames, segment_frames=segment_frames, model_rate=MODEL_RATE,
         frame_samples=codec.samples_per_frame)
     with _output(dst) as f:
-      writer = bitstream.StreamWriter(f, header, flush=not _is_path(dst))
+      writer = bitstream.StreamWriter(f, header, flush=not is_path(dst))
       for block in reader.blocks():
         writer.write_frames(enc.push(block))
       writer.write_frames(enc.finish())
@@ -172,12 +160,6 @@ def check_lengths(codec: Codec, header: bitstream.StreamHeader, name: str = "str
                                    f"{header.num_samples} samples")
 
 
-def check_stream(codec: Codec, header: bitstream.StreamHeader, name: str = "stream") -> None:
-  """`check_header` and `check_lengths` of a header with totals."""
-  check_header(codec, header, name)
-  check_lengths(codec, header, name)
-
-
 def output_rate(header: bitstream.StreamHeader, sample_rate: int | str | None) -> int:
   """16000 (None), the input file's rate ("original") or an explicit rate in Hz."""
   if sample_rate is None:
@@ -200,8 +182,8 @@ def _output_length(n16: int, rate: int, sample_rate, input_samples: int | None) 
 def _decode_chunking(codec: Codec, header: bitstream.StreamHeader, chunk_frames, context_frames):
   if chunk_frames is None:
     chunk_frames = header.chunk_frames or DEFAULT_CHUNK_FRAMES
-  if chunk_frames % ALIGN_FRAMES:  # a foreign encoder's hint we cannot use
-    chunk_frames = DEFAULT_CHUNK_FRAMES
+    if chunk_frames % ALIGN_FRAMES:  # a foreign encoder's hint we cannot use
+      chunk_frames = DEFAULT_CHUNK_FRAMES
   return chunk_frames, context_frames_for(codec) if context_frames is None else context_frames
 
 
@@ -234,7 +216,7 @@ def decompress_file(codec: Codec, src, dst, sample_rate: int | str | None = None
   name = _name(src)
   try:
     with _input(src) as f:
-      if strict and not _is_path(dst) and _seekable(f):  # all-or-nothing on a stream too
+      if strict and not is_path(dst) and seekable(f):  # all-or-nothing on a stream too
         origin = f.tell()
         for _ in bitstream.StreamReader(f, strict=True):
           pass
@@ -264,20 +246,27 @@ def decompress_file(codec: Codec, src, dst, sample_rate: int | str | None = None
           t = dec.frames_in
           if t == 0:
             raise bitstream.BitstreamError("no complete segment to decode")
-          header = header.with_trailer(bitstream.Trailer(t, t * codec.samples_per_frame - codec.hop))
+          header = header.with_trailer(bitstream.Trailer(t, codec.frames_to_samples(t)))
         if dec.frames_in == 0:  # every segment lost: silence
-          dec.push(*_lost(header, header.num_frames))
+          for b in dec.push(*_lost(header, header.num_frames)):
+            out.write(b)
         for b in dec.finish(header.num_frames, header.num_samples):
           out.write(b)
         n = out.close(_output_length(header.num_samples, rate, sample_rate, header.input_samples))
       return header, n
   except bitstream.BitstreamError as e:
-    raise bitstream.BitstreamError(f"{name}: {e}") from None
+    raise _named(e, name) from None
+
+
+def _named(e: bitstream.BitstreamError, name: str) -> bitstream.BitstreamError:
+  """e with the stream's name in front (once)."""
+  msg = str(e)
+  return e if msg.startswith(f"{name}: ") else bitstream.BitstreamError(f"{name}: {msg}")
 
 
 def _decompress_span(codec, reader, dst, name, rate, sample_rate, start, duration, chunk_frames,
                      context_frames, crossfade, subtype):
-  if start < 0 or (duration is not None and not duration > 0):
+  if not 0 <= start < math.inf or (duration is not None and not 0 < duration < math.inf):
     raise ValueError(f"start must be >= 0 and duration > 0 seconds, got start {start}, duration {duration}")
   h = reader.header
   trailer = reader.trailer
@@ -302,7 +291,7 @@ def _decompress_span(codec, reader, dst, name, rate, sample_rate, start, duratio
     if t == 0 or not d.valid.any() and d.trailer is None:
       raise bitstream.BitstreamError("no complete segment to decode")
     header = d.header if d.trailer is not None else d.header.with_trailer(
-        bitstream.Trailer(t, t * codec.samples_per_frame - codec.hop))
+        bitstream.Trailer(t, codec.frames_to_samples(t)))
     check_lengths(codec, header, name)
 
     def read_frames(f0, f1):
@@ -340,14 +329,9 @@ def transcode_file(src, dst, kbps) -> bitstream.StreamHeader:
         raise ValueError(f"{name} has {h.num_streams} streams ({h.kbps:g} kbps): cannot transcode up "
                          f"to {float(kbps):g} kbps")
       with _output(dst) as out:
-        bitstream.transcode(reader, s, out)
-      return bitstream.StreamHeader(
-          sample_rate=h.sample_rate, num_streams=s, group_size=h.group_size, codebook_bits=h.codebook_bits,
-          fingerprint=h.fingerprint, chunk_frames=h.chunk_frames,
-          segment_frames=h.segment_frames if h.version == 2 else DEFAULT_SEGMENT_FRAMES,
-          model_rate=h.model_rate, frame_samples=h.frame_samples).with_trailer(reader.trailer)
+        return bitstream.transcode(reader, s, out)
   except bitstream.BitstreamError as e:
-    raise bitstream.BitstreamError(f"{name}: {e}") from None
+    raise _named(e, name) from None
 
 
 # ---- folders ------------------------------------------------------------------

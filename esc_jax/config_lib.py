@@ -24,7 +24,7 @@ ESC_BASE = dict(  # configs/9kbps_esc_base.yaml of the original
     l2norm=True)
 
 # configs/ablations/9kbps_*.yaml of the original: the four `make_model` variants at 9 kbps,
-# all with 8-dimensional codebooks (train.py needs BatchNorm support for the convolution ones).
+# all with 8-dimensional codebooks (the convolution ones train with BatchNorm statistics).
 _ABLATION = dict(
     in_dim=2, in_freq=192, h_dims=[45, 72, 96, 144, 192, 384], max_streams=6, win_len=20, hop_len=5,
     sr=16000, patch_size=[3, 2], overlap=2, group_size=3, codebook_size=1024, l2norm=True)
@@ -132,7 +132,7 @@ def smoke(c: ml_collections.ConfigDict, num_steps: int, pretrain_steps: int) -> 
   c.train.pretrain_steps = pretrain_steps
   c.eval.every_steps = num_steps
   c.eval.batch_size = 2
-  c.ckpt.every_steps = num_steps // 2
+  c.ckpt.every_steps = max(1, num_steps // 2)
   c.ckpt.keep = 2
   c.log.every_steps = max(1, num_steps // 4)
   return c

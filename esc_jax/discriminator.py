@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from esc_jax.audio import _frames, hann_window
+from esc_jax.audio import frame_signal, hann_window
 from esc_jax.layers.common import torch_bias_init, torch_kernel_init
 
 # Fractions of the one-sided spectrum (W//2 + 1 bins) that the MRD bands cover.
@@ -56,7 +56,7 @@ def stft_match_stride(x: jnp.ndarray, window_length: int, hop_length: int) -> jn
   x = jnp.pad(x, ((0, 0), (pad, pad + right)), mode="reflect")
   x = jnp.pad(x, ((0, 0), (w // 2, w // 2)), mode="reflect")  # torch.stft(center=True)
   num_frames = 1 + (x.shape[1] - w) // h - 4
-  frames = _frames(x[:, 2 * h:], w, h, num_frames) * hann_window(w, w)
+  frames = frame_signal(x[:, 2 * h:], w, h, num_frames) * hann_window(w, w)
   spec = jnp.fft.rfft(frames, n=w, axis=-1)  # (B, T, F)
   return jnp.stack([spec.real, spec.imag], axis=-1).astype(jnp.float32)
 

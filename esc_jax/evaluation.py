@@ -61,7 +61,7 @@ import numpy as np
 from esc_jax import metrics as M
 from esc_jax.audio import SAMPLE_RATE
 from esc_jax.audio_io import load_audio
-from esc_jax.files import write_json_atomic
+from esc_jax.files import atomic_path, is_path, json_safe, write_json_atomic
 from esc_jax.losses import MEL_WINDOWS
 
 METRICS = ("pesq", "stoi", "mel_distance", "si_sdr")
@@ -84,12 +84,12 @@ def load_clips(items, channel: str = "first") -> tuple[list[str], list[np.ndarra
   each is listed in `skipped` as {"name", "reason"}.
   """
   pairs = list(items.items()) if isinstance(items, Mapping) else [
-      (os.fspath(it) if isinstance(it, (str, os.PathLike)) else f"clip{i}", it)
+      (os.fspath(it) if is_path(it) else f"clip{i}", it)
       for i, it in enumerate(items)]
   names, clips, skipped = [], [], []
   for name, it in pairs:
     try:
-      if isinstance(it, (str, os.PathLike)):
+      if is_path(it):
         x = load_audio(it, channel=channel)
       else:
         x = np.asarray(it)
@@ -320,18 +320,6 @@ def format_table(result: Mapping[str, Any]) -> str:
   return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def _json_safe(obj):
-  if isinstance(obj, float):
-    return obj if math.isfinite(obj) else None
-  if isinstance(obj, Mapping):
-    return {str(k): _json_safe(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [_json_safe(v) for v in obj]
-  if isinstance(obj, np.generic):
-    return _json_safe(obj.item())
-  return obj
-
-
 def plot_metrics(result: Mapping[str, Any], path) -> None:
   """PNG: each metric (mean ± std) and the utilisation against kbps."""
   import matplotlib
@@ -357,7 +345,8 @@ def plot_metrics(result: Mapping[str, Any], path) -> None:
     ax.axis("off")
   fig.suptitle(f"{result['num_files']} files")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  with atomic_path(path) as tmp:  # the temporary name keeps the .png suffix (format)
+    fig.savefig(tmp, dpi=100)
   plt.close(fig)
 
 
@@ -366,6 +355,6 @@ def save_results(result: Mapping[str, Any], directory) -> tuple[pathlib.Path, pa
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   js, png = directory / "results.json", directory / "metrics.png"
-  write_json_atomic(js, _json_safe(result))
+  write_json_atomic(js, json_safe(result))
   plot_metrics(result, png)
   return js, png

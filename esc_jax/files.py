@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pathlib
 import tempfile
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -41,22 +44,55 @@ def atomic_path(path) -> Iterator[str]:
     raise
 
 
-def write_bytes_atomic(path, data: bytes) -> None:
-  """Writes `data` to `path` atomically (flushed to disk before the rename)."""
-  with atomic_path(path) as tmp, open(tmp, "wb") as f:
-    f.write(data)
+@contextlib.contextmanager
+def open_atomic(path, mode: str = "wb"):
+  """A file opened for writing at a temporary path; flushed to disk and renamed onto `path` on success."""
+  with atomic_path(path) as tmp, open(tmp, mode) as f:
+    yield f
     f.flush()
     os.fsync(f.fileno())
 
 
+def write_bytes_atomic(path, data: bytes) -> None:
+  """Writes `data` to `path` atomically (flushed to disk before the rename)."""
+  with open_atomic(path, "wb") as f:
+    f.write(data)
+
+
 def write_text_atomic(path, text: str) -> None:
-  with atomic_path(path) as tmp, open(tmp, "w") as f:
+  with open_atomic(path, "w") as f:
     f.write(text)
 
 
 def write_json_atomic(path, obj: Any) -> None:
   """Pretty, key-sorted JSON with a trailing newline, written atomically."""
   write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def json_safe(obj):
+  """obj with numpy scalars as Python values and non-finite floats as None (strict JSON)."""
+  if isinstance(obj, np.generic):
+    obj = obj.item()
+  if isinstance(obj, float):
+    return obj if math.isfinite(obj) else None
+  if isinstance(obj, Mapping):
+    return {str(k): json_safe(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [json_safe(v) for v in obj]
+  return obj
+
+
+def is_path(x) -> bool:
+  """Whether an input/output argument is a file path (str or os.PathLike) rather than a stream."""
+  return isinstance(x, (str, os.PathLike))
+
+
+def seekable(f) -> bool:
+  """Whether a file object can seek (False for pipes, closed or odd objects)."""
+  try:
+    return bool(f.seekable())
+  except (AttributeError, OSError, ValueError):
+    return False
 
 
 def find_files(folder, extensions: Iterable[str], exclude=None) -> list[pathlib.Path]:
@@ -66,8 +102,10 @@ def find_files(folder, extensions: Iterable[str], exclude=None) -> list[pathlib.
   the folder `exclude` (e.g. an output folder inside the input folder).
   Raises FileNotFoundError if `folder` is not a folder.
   """
+  if not os.fspath(folder):
+    raise FileNotFoundError("no folder given (empty path)")
   folder = pathlib.Path(folder)
-  if not str(folder) or not folder.is_dir():
+  if not folder.is_dir():
     raise FileNotFoundError(f"{folder}: no such folder")
   exts = {e.lower() for e in extensions}
   skip = pathlib.Path(exclude).resolve() if exclude is not None else None

@@ -10,7 +10,7 @@ import os
 import pathlib
 from typing import Mapping
 
-from esc_jax.files import write_text_atomic
+from esc_jax.files import json_safe, write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -26,7 +26,7 @@ class MetricWriter:
       return
     row = {"step": int(step), **{f"{prefix}/{k}": float(v) for k, v in scalars.items()}}
     with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+      f.write(json.dumps(json_safe(row)) + "\n")  # NaN -> null
     if self.tb is not None:
       for k, v in scalars.items():
         self.tb.add_scalar(f"{prefix}/{k}", float(v), step)

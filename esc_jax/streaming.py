@@ -60,7 +60,8 @@ from esc_jax.api import Codec
 from esc_jax.audio_io import BLOCK_SAMPLES
 
 DEFAULT_CHUNK_FRAMES = 500  # 10 s per window centre
-DEFAULT_CONTEXT_FRAMES = 24  # 0.48 s each side; >= ESC-Base's receptive field (`context_frames_for`)
+DEFAULT_CONTEXT_FRAMES = 24  # 0.48 s each side: ESC-Base's `context_frames_for` (the codec APIs default to
+                             # their model's own context; this is `chunk_plan`'s default)
 DEFAULT_CROSSFADE = 640  # samples (40 ms) of raised-cosine cross-fade at chunk boundaries
 ALIGN_FRAMES = 2  # window starts on multiples of 2 code frames = 4 time patches (one Swin window)
 
@@ -81,6 +82,11 @@ def context_frames_for(codec: Codec) -> int:
   (de-)embedding convolutions and the VQ's frame grouping.
   """
   return _ceil_align(math.ceil(codec.model.reach_frames) + 4)
+
+
+def _context(codec: Codec, context_frames: int | None) -> int:
+  """context_frames, or the model's own (`context_frames_for`) when None."""
+  return context_frames_for(codec) if context_frames is None else context_frames
 
 
 def _ceil_align(n: int) -> int:
@@ -145,8 +151,9 @@ class ChunkedEncoder:
   """
 
   def __init__(self, codec: Codec, num_streams: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-               context_frames: int = DEFAULT_CONTEXT_FRAMES,
+               context_frames: int | None = None,
                on_frames: Callable[[int], None] | None = None):
+    context_frames = _context(codec, context_frames)
     check_chunking(chunk_frames, context_frames)
     if isinstance(num_streams, bool) or not isinstance(num_streams, (int, np.integer)) \
         or not 1 <= num_streams <= codec.max_streams:
@@ -221,7 +228,7 @@ class ChunkedEncoder:
 
 
 def encode_blocks(codec: Codec, blocks: Iterable[np.ndarray], num_streams: int,
-                  chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int = DEFAULT_CONTEXT_FRAMES,
+                  chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int | None = None,
                   on_frames: Callable[[int], None] | None = None) -> tuple[np.ndarray, int]:
   """Chunked encoding of a stream of 16 kHz blocks -> (codes (S, G, T'), num_samples)."""
   enc = ChunkedEncoder(codec, num_streams, chunk_frames, context_frames, on_frames)
@@ -231,7 +238,7 @@ def encode_blocks(codec: Codec, blocks: Iterable[np.ndarray], num_streams: int,
 
 
 def encode_chunked(codec: Codec, audio, num_streams: int, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-                   context_frames: int = DEFAULT_CONTEXT_FRAMES) -> np.ndarray:
+                   context_frames: int | None = None) -> np.ndarray:
   """(L,) 16 kHz audio -> codes (S, G, T') computed window by window."""
   x = np.asarray(audio, np.float32).reshape(-1)
   return encode_blocks(codec, [x[i:i + BLOCK_SAMPLES] for i in range(0, len(x), BLOCK_SAMPLES)],
@@ -250,7 +257,7 @@ def _fade(n: int) -> np.ndarray:
 
 
 def _crossfade_half(codec: Codec, crossfade: int, context_frames: int) -> int:
-  return min(int(crossfade) // 2, max(context_frames * codec.samples_per_frame - codec.hop, 0))
+  return min(int(crossfade) // 2, max(codec.frames_to_samples(context_frames), 0))
 
 
 def decode_window(codec: Codec, codes: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
@@ -262,7 +269,7 @@ def decode_window(codec: Codec, codes: np.ndarray, valid: np.ndarray | None = No
   spf, n = codec.samples_per_frame, codes.shape[-1]
   if valid is None or valid.all():
     return codec.decode(codes[None])[0]
-  y = np.zeros(n * spf - codec.hop, np.float32)
+  y = np.zeros(codec.frames_to_samples(n), np.float32)
   for a, b in valid_runs(valid):
     a += a % ALIGN_FRAMES
     if a < b:
@@ -344,8 +351,9 @@ class ChunkedDecoder:
   """
 
   def __init__(self, codec: Codec, chunk_frames: int = DEFAULT_CHUNK_FRAMES,
-               context_frames: int = DEFAULT_CONTEXT_FRAMES, crossfade: int = DEFAULT_CROSSFADE,
+               context_frames: int | None = None, crossfade: int = DEFAULT_CROSSFADE,
                on_frames: Callable[[int], None] | None = None):
+    context_frames = _context(codec, context_frames)
     check_chunking(chunk_frames, context_frames)
     self.codec = codec
     self.chunk_frames, self.context_frames = int(chunk_frames), int(context_frames)
@@ -437,7 +445,7 @@ class ChunkedDecoder:
 
 
 def decode_blocks(codec: Codec, codes, num_samples: int | None = None,
-                  chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int = DEFAULT_CONTEXT_FRAMES,
+                  chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int | None = None,
                   crossfade: int = DEFAULT_CROSSFADE, on_frames: Callable[[int], None] | None = None,
                   valid=None) -> Iterator[np.ndarray]:
   """Yields the decoded 16 kHz audio of codes (S, G, T') window by window.
@@ -460,7 +468,7 @@ def decode_blocks(codec: Codec, codes, num_samples: int | None = None,
 
 
 def decode_chunked(codec: Codec, codes, num_samples: int | None = None,
-                   chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int = DEFAULT_CONTEXT_FRAMES,
+                   chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int | None = None,
                    crossfade: int = DEFAULT_CROSSFADE) -> np.ndarray:
   """codes (S, G, T') -> (L,) float32 16 kHz audio decoded window by window."""
   return _concat(list(decode_blocks(codec, codes, num_samples, chunk_frames, context_frames, crossfade)))
@@ -468,7 +476,7 @@ def decode_chunked(codec: Codec, codes, num_samples: int | None = None,
 
 def _check_length(codec: Codec, num_frames: int, num_samples: int | None) -> int:
   """num_samples (default: the valid length of num_frames); ValueError if they do not match."""
-  valid = num_frames * codec.samples_per_frame - codec.hop
+  valid = codec.frames_to_samples(num_frames)
   total = valid if num_samples is None else int(num_samples)
   if not 0 < total <= valid or codec.num_frames(total) != num_frames:
     raise ValueError(f"{num_frames} code frames cannot carry {total} samples")
@@ -477,7 +485,7 @@ def _check_length(codec: Codec, num_frames: int, num_samples: int | None) -> int
 
 def decode_span(codec: Codec, read_frames: Callable[[int, int], tuple[np.ndarray, np.ndarray]],
                 num_frames: int, start: int, stop: int, num_samples: int | None = None,
-                chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int = DEFAULT_CONTEXT_FRAMES,
+                chunk_frames: int = DEFAULT_CHUNK_FRAMES, context_frames: int | None = None,
                 crossfade: int = DEFAULT_CROSSFADE) -> np.ndarray:
   """Samples [start, stop) of a stream's 16 kHz decode, decoding only the windows that make them.
 
@@ -487,6 +495,7 @@ def decode_span(codec: Codec, read_frames: Callable[[int, int], tuple[np.ndarray
   same chunking.
   """
   total = _check_length(codec, num_frames, num_samples)
+  context_frames = _context(codec, context_frames)
   if not 0 <= start < stop <= total:
     raise ValueError(f"span [{start}, {stop}) is not inside the signal's {total} samples")
   plan = chunk_plan(num_frames, chunk_frames, context_frames)

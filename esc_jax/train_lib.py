@@ -1,4 +1,4 @@
-"""Training ESC (the original's non-adversarial recipe) as plain functions.
+"""Training ESC (the original's recipe, plain or adversarial) as plain functions.
 
   program = build(config)                       # model, optimizer, mesh, compiled step
   state = train_and_evaluate(config, workdir)   # the whole run, resumable
@@ -24,7 +24,8 @@ Parallelism: a 1-D mesh "data" over all devices (all processes); the global
 batch is sharded along it, params and optimizer state are replicated. The
 step is compiled ahead of time for the run's shapes (`build`), so it cannot
 silently recompile. Checkpoints: `esc_jax.checkpoint` (items "params",
-"opt_state", "meta"); WORKDIR/esc_config.json makes WORKDIR a codec directory
+"opt_state", "meta", plus "batch_stats" for the convolution variants and
+"disc_params" / "disc_opt_state" for the adversarial recipe); WORKDIR/esc_config.json makes WORKDIR a codec directory
 for `esc_jax.load`.
 """
 from __future__ import annotations
@@ -249,6 +250,9 @@ def build(config, devices=None) -> Program:
   if dtype is None:
     raise ConfigError(f"train.compute_dtype {config.train.compute_dtype!r}: expected "
                       f"{' | '.join(COMPUTE_DTYPES)}")
+  for section in ("log", "ckpt"):
+    if int(config[section].every_steps) < 1:
+      raise ConfigError(f"{section}.every_steps must be >= 1, got {config[section].every_steps}")
   try:
     model = make_model(config.model, config.model_name, dtype=dtype)
   except (TypeError, ValueError) as e:
@@ -374,6 +378,9 @@ def restore(mngr, program: Program, config, data_iter=None) -> TrainState | None
     if meta.get("num_workers") != int(c.data.num_workers):  # the state's layout depends on it
       raise ConfigError(f"checkpoint {step} was written with data.num_workers={meta.get('num_workers')}; "
                         f"resume with --config.data.num_workers={meta.get('num_workers')}")
+    if meta.get("process_count", jax.process_count()) != jax.process_count():  # each process's shard
+      raise ConfigError(f"checkpoint {step} was written by {meta['process_count']} processes; the data "
+                        f"position cannot be resumed by {jax.process_count()} (resume with as many)")
     data_iter.set_state(meta["data_state"])
   return TrainState(jnp.int32(meta["step"]), items[ckpt.PARAMS_ITEM], items["opt_state"],
                     items.get("disc_params"), items.get("disc_opt_state"), items.get("batch_stats"))
@@ -552,7 +559,7 @@ def train_and_evaluate(config, workdir, *, program: Program | None = None,
           state, m = program.step(state, global_batch(program, next(data)))
           m = jax.device_get(m)
           busy, n_timed = busy + time.perf_counter() - t0, n_timed + 1
-          _check_finite(m, step, mngr)
+          _check_finite(m, step + 1, mngr)  # steps count from 1 in logs and checkpoints
           m["kbps"] = 0.0 if m["pretrain"] else float(program.model.kbps(int(m["num_streams"])))
           for k, v in m.items():
             acc.setdefault(k, []).append(float(v))
@@ -578,6 +585,6 @@ def train_and_evaluate(config, workdir, *, program: Program | None = None,
         pbar.close()
         writer.close()
     finally:
-      if hasattr(data, "close") and data is not None:
+      if data is not None and hasattr(data, "close"):
         data.close()
   return state

@@ -99,6 +99,8 @@ def test_find_audio_files_one_rule(tmp_path):
   assert found == ["a.wav", "b.FLAC", "sub/c.ogg"]
   with pytest.raises(FileNotFoundError):
     audio_io.find_audio_files(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="empty path"):  # not the current folder
+    audio_io.find_audio_files("")
 
 
 def test_atomic_writes_leave_nothing_on_failure(tmp_path):
@@ -114,6 +116,22 @@ def test_atomic_writes_leave_nothing_on_failure(tmp_path):
     files.write_bytes_atomic(tmp_path, b"")
   with pytest.raises(FileNotFoundError, match="output folder does not exist"):
     files.write_bytes_atomic(tmp_path / "no" / "x.bin", b"")
+
+
+def test_strict_json_rows_and_codec_overwrite(tmp_path, tiny, tiny_config):
+  """NaN metrics are written as null (strict JSON); save_codec overwrites past a stale `.old` folder."""
+  import json
+  from esc_jax import checkpoint, metric_writer
+  w = metric_writer.MetricWriter(tmp_path / "m.jsonl")
+  w.write(3, {"pesq": float("nan"), "loss": np.float32(0.5)}, prefix="val")
+  assert json.loads((tmp_path / "m.jsonl").read_text()) == {"step": 3, "val/pesq": None, "val/loss": 0.5}
+  assert files.json_safe({"a": [np.float64("inf"), np.int64(2)]}) == {"a": [None, 2]}
+  model, params = tiny
+  d = checkpoint.save_codec(tmp_path / "codec", params, tiny_config)
+  (tmp_path / ".codec.old" / "junk").mkdir(parents=True)  # an interrupted overwrite's leftover
+  checkpoint.save_codec(d, params, tiny_config, overwrite=True)
+  assert not (tmp_path / ".codec.old").exists()
+  assert checkpoint.restore_variables(d, model)["params"].keys() == params.keys()
 
 
 # ---- byte streams (pipes) ----------------------------------------------------
@@ -198,3 +216,9 @@ def test_audio_writer_to_stream_and_file(tmp_path):
     w.close(1000)
   data = b"".join(chunks)
   assert data[:44] == audio_io.wav_header(16000) and len(data) == 44 + 2000
+  for ext, subtype in (("ogg", "VORBIS"), ("flac", "PCM_16")):  # lossy formats take their own subtype
+    with audio_io.open_audio_writer(tmp_path / f"c.{ext}", 16000) as w:
+      w.write(y)
+      w.close(len(y))
+    info = sf.info(tmp_path / f"c.{ext}")
+    assert (info.subtype, info.frames) == (subtype, len(y))

@@ -25,7 +25,7 @@ def _codes(rng, s, g, t, bits):
 
 def _stream(s=3, g=3, t=7, bits=10, seed=0, **kw):
   codes = _codes(np.random.default_rng(seed), s, g, t, bits)
-  args = dict(num_samples=t * 320, sample_rate=44100, codebook_size=1 << bits, fingerprint=FP)
+  args = dict(num_samples=t * 320, sample_rate=44100, codebook_size=1 << bits, fingerprint=FP, version=1)
   args.update(kw)
   return codes, bs.encode_stream(codes, **args)
 
@@ -113,7 +113,7 @@ def test_encode_decode_round_trip(s, bits):
 
 def test_encode_validation():
   codes = np.zeros((1, 3, 4), np.int32)
-  kw = dict(num_samples=1280, sample_rate=16000, codebook_size=1024, fingerprint=FP)
+  kw = dict(num_samples=1280, sample_rate=16000, codebook_size=1024, fingerprint=FP, version=1)
   for bad in (dict(codebook_size=1000), dict(codebook_size=1), dict(codebook_size=1 << 17),
               dict(fingerprint=b"short"), dict(sample_rate=0), dict(num_samples=-1),
               dict(chunk_frames=-1)):
@@ -215,7 +215,7 @@ def test_thirty_minutes_round_trip():  # speed: bench/bench_bitstream.py
   t = 90_000  # 30 min at 20 ms
   codes = _codes(np.random.default_rng(0), 6, 3, t, 10)
   data = bs.encode_stream(codes, num_samples=t * 320, sample_rate=16000, codebook_size=1024,
-                          fingerprint=FP)
+                          fingerprint=FP, version=1)
   _, out = bs.decode_stream(data)
   np.testing.assert_array_equal(out, codes)
   assert len(data) == bs.HEADER_SIZE + 6 * 3 * t * 10 // 8
@@ -572,8 +572,9 @@ def test_transcode_is_bit_identical(s):
       direct = _v2(codes[:k], chunk_frames=500)
       assert bs.transcode(data, k) == direct
       out = io.BytesIO()
-      assert bs.transcode(_Trickle(data, k), k, out) is None  # pipe to file object
+      h = bs.transcode(_Trickle(data, k), k, out)  # pipe to file object: returns the header
       assert out.getvalue() == direct
+      assert (h.num_streams, h.num_frames) == (k, t)
     assert bs.transcode(data, s, segment_frames=25) == _v2(codes, seg=25, chunk_frames=500)
     with pytest.raises(ValueError):
       bs.transcode(data, s + 1)

@@ -197,3 +197,21 @@ def test_invalid_arguments(tiny, golden):
     encode(golden["audio"][:, :15760], 6)
   with pytest.raises(ValueError, match="unknown ESC model keyword"):
     make_model(dict(ESC_BASE, bogus=1))
+  # Lengths are checked when the model is made, before any tracing.
+  with pytest.raises(ValueError, match="swin_heads has 4 entries; expected len\\(h_dims\\) - 1 = 5"):
+    make_model(dict(ESC_BASE, swin_heads=[3, 6, 12, 24]))
+  with pytest.raises(ValueError, match="codebook_dims has 5 entries but max_streams=6"):
+    make_model(dict(ESC_BASE, codebook_dims=[8] * 5))
+  with pytest.raises(ValueError, match="h_dims has 5 scales"):
+    make_model(dict(ESC_BASE, h_dims=[45, 72, 96, 144, 192]))
+
+
+def test_numpy_stream_counts_are_concrete(codec, golden):
+  """A numpy integer stream count is a Python one: range-checked, and encode returns that many streams."""
+  model, params, x = codec.model, codec.params, golden["audio"]
+  codes = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, np.int64(3), method=ESC.encode), params, x)
+  assert codes.shape[1] == 3
+  with pytest.raises(ValueError, match="num_streams must be in 1..6, got 7"):
+    jax.eval_shape(lambda p, x: model.apply({"params": p}, x, np.int32(7), method=ESC.encode), params, x)
+  with pytest.raises(ValueError, match="length must be an integer"):
+    codec.decode(np.zeros((1, 3, 2), np.int32), length=-80)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import numpy as np
@@ -28,6 +29,7 @@ from esc_jax.config_lib import ESC_BASE
 from esc_jax import bitstream, compress, streaming
 from esc_jax.__main__ import load_codec, main
 from esc_jax.audio_io import load_audio
+from esc_jax.codec import make_model
 from esc_jax.metrics import mel_distance, si_sdr
 
 ASSETS = os.path.join(os.path.dirname(esc_jax.__file__), "assets")
@@ -197,6 +199,17 @@ def test_chunked_matches_whole_file(codec, speech):
     assert dec.samples_out == (0 if f < 47 else 24 * spf - 320 if f < 71 else 48 * spf - 320)
   out += dec.finish(FRAMES, len(x))
   np.testing.assert_array_equal(np.concatenate(out), y_chunk[0])
+
+
+def test_default_context_is_the_models():
+  """The chunked coders default to their model's own context (ESC-Large needs 44 frames, not Base's 24)."""
+  large = make_model(dict(ESC_BASE, swin_depth=4))
+  codec = types.SimpleNamespace(model=large, max_streams=6, samples_per_frame=320, hop=80,
+                                frames_to_samples=lambda t: t * 320 - 80)
+  assert streaming.context_frames_for(codec) == 44
+  assert streaming.ChunkedEncoder(codec, 6).context_frames == 44
+  assert streaming.ChunkedDecoder(codec).context_frames == 44
+  assert streaming.ChunkedDecoder(codec, context_frames=8).context_frames == 8
 
 
 def test_chunked_cli(tmp_path, capsys, codec, tiny_codec_dir, speech):
@@ -594,6 +607,9 @@ class _StubCodec:
 
   def num_frames(self, n):
     return max(1, -(-(n + self.hop) // self.samples_per_frame))
+
+  def frames_to_samples(self, t):
+    return t * self.samples_per_frame - self.hop
 
   def decode(self, codes):
     c = np.asarray(codes, np.float32)[0].sum(axis=(0, 1)) / 1000

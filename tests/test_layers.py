@@ -35,3 +35,27 @@ def test_shift_mask_regions():
   assert np.all(m[0] == 0)  # the top-left window lies in a single region
   assert set(np.unique(m[3])) == {0.0, -100.0}
   np.testing.assert_array_equal(m, np.transpose(m, (0, 2, 1)))
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_attention_bf16_stays_bf16_on_padded_maps(shift):
+  """bf16 compute on a map that needs padding (H=2, odd W): bf16 outputs and cotangents, close to float32."""
+  import jax.numpy as jnp
+  from esc_jax.layers.attention import window_attention
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(shift), 4)
+  heads, c = 3, 12
+  qkv = jax.random.normal(k1, (2, 2, 7, 3 * c))
+  bias, pos = jax.random.normal(k2, (3 * c,)), 0.1 * jax.random.normal(k3, (heads, 16, 16))
+  g = jax.random.normal(k4, (2, 2, 7, c))
+
+  def run(dtype):
+    f = lambda q, b, p: window_attention(q, b, p, heads, 4, shift)  # noqa: E731
+    out, vjp = jax.vjp(f, qkv.astype(dtype), bias.astype(dtype), pos)
+    return out, vjp(g.astype(dtype))
+
+  out16, (dq16, db16, dp16) = run(jnp.bfloat16)
+  out32, (dq32, db32, dp32) = run(jnp.float32)
+  assert out16.dtype == dq16.dtype == db16.dtype == jnp.bfloat16 and dp16.dtype == jnp.float32
+  for a, b in ((out16, out32), (dq16, dq32), (db16, db32), (dp16, dp32)):
+    a, b = np.asarray(a, np.float32), np.asarray(b)
+    assert np.abs(a - b).max() <= 0.05 * np.abs(b).max() + 1e-3

@@ -241,7 +241,7 @@ def test_nan_stops_and_keeps_last_good_checkpoint(program, tmp_path):
   good = np.random.default_rng(0).standard_normal((2, 15920)).astype(np.float32) * 0.1
   batches = iter([good] * 6 + [np.full_like(good, np.nan)])
   c = _config(**{"data.val_dir": "", "ckpt.every_steps": 5})
-  with pytest.raises(train_lib.NonFiniteLossError, match="non-finite loss nan.* at step 6 .*Last good checkpoint: step 5"):
+  with pytest.raises(train_lib.NonFiniteLossError, match="non-finite loss nan.* at step 7 .*Last good checkpoint: step 5"):
     train_lib.train_and_evaluate(c, tmp_path, program=program, data=batches)
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [5]
 
@@ -299,6 +299,10 @@ def test_config_errors(tmp_path):
     train_lib.build(_config(**{"train.compute_dtype": "float16"}))
   with pytest.raises(train_lib.ConfigError, match="clip_samples 16000 is not a valid length.*15920"):
     train_lib.build(_config(**{"data.clip_samples": 16000}))
+  with pytest.raises(train_lib.ConfigError, match="ckpt.every_steps must be >= 1, got 0"):
+    train_lib.build(_config(**{"ckpt.every_steps": 0}))
+  with pytest.raises(train_lib.ConfigError, match="config.model: swin_heads has 2 entries"):
+    train_lib.build(_config(**{"model.swin_heads": [1, 1]}))
   train_lib.write_run_config(tmp_path, _config())
   c = _config()
   c.model.codebook_size = 32

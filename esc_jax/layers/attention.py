@@ -113,7 +113,8 @@ def _window_attention_fwd(qkv, qkv_bias, pos_bias, heads, window, shift):
   if (hp, wp) != (h, w):  # padded tokens are zero after norm1: their projections are the bias
     pad = np.ones((hp, wp, 1), np.float32)
     pad[:h, :w] = 0.0
-    qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0))) + pad * qkv_bias.astype(qkv.dtype)
+    qkv = (jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+           + jnp.asarray(pad, qkv.dtype) * qkv_bias.astype(qkv.dtype))
   q, k, v = _split_heads(_to_windows(qkv, window, shift, hp, wp), 3, heads)
   q = q * ((c3 // 3 // heads) ** -0.5)
   logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) + pos_bias  # (B, nW, heads, N, N)
@@ -139,12 +140,12 @@ def _window_attention_bwd(heads, window, shift, res, g):
   dk = dlogits.swapaxes(-1, -2) @ q
   dqkv = _merge_heads(jnp.stack([dq, dk, dv]))  # (B, nW, N, 3C)
   if (hp, wp) == (h, w):
-    return _from_windows(dqkv, window, shift, h, w), jnp.zeros((3 * c,), jnp.float32), dpos
+    return _from_windows(dqkv, window, shift, h, w), jnp.zeros((3 * c,), q.dtype), dpos
   full = window_reverse(dqkv, window, hp, wp)
   if shift:
     full = jnp.roll(full, (shift, shift), axis=(1, 2))
-  dbias = jnp.sum(full[:, h:], (0, 1, 2)) + jnp.sum(full[:, :h, w:], (0, 1, 2))
-  return full[:, :h, :w], dbias.astype(jnp.float32), dpos
+  dbias = jnp.sum(full[:, h:], (0, 1, 2), jnp.float32) + jnp.sum(full[:, :h, w:], (0, 1, 2), jnp.float32)
+  return full[:, :h, :w], dbias.astype(q.dtype), dpos  # cotangents in the inputs' dtypes
 
 
 window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)

@@ -28,10 +28,7 @@ def torch_bias_init(fan_in: int):
 
 
 class Linear(nn.Module):
-  """`torch.nn.Linear(in_features, features, bias=use_bias)`; kernel is (in, out).
-
-  `matmul` and `add_bias` expose the two halves for layers that pad in between.
-  """
+  """`torch.nn.Linear(in_features, features, bias=use_bias)`; kernel is (in, out)."""
   features: int
   in_features: int
   use_bias: bool = True
