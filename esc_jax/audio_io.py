@@ -448,13 +448,13 @@ def open_audio_writer(dst, sample_rate: int = MODEL_RATE, out_rate: int | None =
     return
   path = os.fspath(dst)
   fmt = _format_of(path)
-  subtype = subtype or ("PCM_16" if fmt == "WAV" else sf.default_subtype(fmt))
-  clip = _clips(subtype)
   with atomic_path(path) as tmp:
     try:
+      subtype = subtype or ("PCM_16" if fmt == "WAV" else sf.default_subtype(fmt))
       f = sf.SoundFile(tmp, "w", samplerate=out_rate, channels=1, subtype=subtype, format=fmt)
     except Exception as e:
       raise ValueError(f"cannot write {path}: {one_line(e)}") from None
+    clip = _clips(f.subtype)
     with f:
       yield AudioWriter(f, sample_rate, out_rate, clip)
 

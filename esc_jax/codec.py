@@ -126,9 +126,29 @@ class Decoder(nn.Module):
 
 
 class CodecBase(nn.Module):
-  """What every codec variant shares: frame geometry, bitrate, STFT front end and
-  the encoder/decoder wiring. Subclasses define the fields (the original's
-  constructor keywords) and `setup` with `encoder`, `decoder`."""
+  """What every codec variant shares: the original's common constructor keywords,
+  frame geometry, bitrate, STFT front end and the encoder/decoder wiring.
+  Subclasses add their quantiser's keywords and `setup` (`encoder`, `decoder`)."""
+  in_dim: int = 2
+  in_freq: int = 192
+  h_dims: Sequence[int] = (45, 72, 96, 144, 192, 384)
+  max_streams: int = 6
+  win_len: int = 20
+  hop_len: int = 5
+  sr: int = 16000
+  patch_size: Sequence[int] = (3, 2)
+  backbone: str = "transformer"  # or "convolution"
+  swin_heads: Sequence[int] = (3, 6, 12, 24, 24)  # transformer backbone
+  swin_depth: int = 2
+  window_size: int = 4
+  mlp_ratio: float = 4.0
+  kernel_size: Sequence[int] = (5, 2)  # convolution backbone
+  conv_depth: int = 1  # convolution backbone: residual units per layer
+  overlap: int = 2
+  group_size: int = 3  # product groups: codes per stream per frame
+  codebook_size: int = 1024
+  l2norm: bool = True
+  dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
 
   # ---- frame geometry and bitrate (plain Python; usable on an unbound module) ----
   @property
@@ -266,27 +286,7 @@ StreamFn = Callable[[int, Any], dict]
 class ESC(CodecBase):
   """Efficient Speech Codec (`csvq+swinT`, or `csvq+conv` with backbone="convolution");
   field names follow the original constructor."""
-  in_dim: int = 2
-  in_freq: int = 192
-  h_dims: Sequence[int] = (45, 72, 96, 144, 192, 384)
-  max_streams: int = 6
-  win_len: int = 20
-  hop_len: int = 5
-  sr: int = 16000
-  patch_size: Sequence[int] = (3, 2)
-  swin_heads: Sequence[int] = (3, 6, 12, 24, 24)
-  swin_depth: int = 2
-  window_size: int = 4
-  mlp_ratio: float = 4.0
-  overlap: int = 2
-  group_size: int = 3
-  codebook_size: int = 1024
-  codebook_dims: Sequence[int] = (8, 8, 8, 8, 8, 8)
-  l2norm: bool = True
-  backbone: str = "transformer"  # or "convolution"
-  kernel_size: Sequence[int] = (5, 2)  # convolution backbone only
-  conv_depth: int = 1  # convolution backbone: residual units per layer
-  dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
+  codebook_dims: Sequence[int] = (8, 8, 8, 8, 8, 8)  # one per stream
 
   def _path_layers(self) -> int:
     """`encode` runs the encoder and the first max_streams - 2 up layers (residuals of later streams)."""
@@ -417,28 +417,8 @@ class RVQCodec(CodecBase):
   scales, as in ESC) must equal `num_rvqs` so that every API that counts
   streams with `max_streams` (training's bitrate sampling, the codec) is right.
   """
-  in_dim: int = 2
-  in_freq: int = 192
-  h_dims: Sequence[int] = (45, 72, 96, 144, 192, 384)
-  max_streams: int = 6
-  backbone: str = "transformer"  # or "convolution"
-  kernel_size: Sequence[int] = (5, 2)
-  conv_depth: int = 1
-  patch_size: Sequence[int] = (3, 2)
-  swin_heads: Sequence[int] = (3, 6, 12, 24, 24)
-  swin_depth: int = 2
-  window_size: int = 4
-  mlp_ratio: float = 4.0
-  overlap: int = 2
   num_rvqs: int = 6  # residual depth: the number of streams
-  group_size: int = 3  # product groups: codes per stream per frame
   codebook_dim: int = 8  # one dimension for every codebook
-  codebook_size: int = 1024
-  l2norm: bool = True
-  win_len: int = 20
-  hop_len: int = 5
-  sr: int = 16000
-  dtype: Any = jnp.float32  # compute dtype of matmuls (bf16 opt-in); params stay float32
 
   def _check_config(self):
     super()._check_config()

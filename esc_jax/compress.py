@@ -193,7 +193,7 @@ def _lost(header: bitstream.StreamHeader, n: int) -> tuple[np.ndarray, np.ndarra
 
 def decompress_file(codec: Codec, src, dst, sample_rate: int | str | None = None,
                     chunk_frames: int | None = None, context_frames: int | None = None,
-                    crossfade: int = DEFAULT_CROSSFADE, subtype: str = "PCM_16", strict: bool = False,
+                    crossfade: int = DEFAULT_CROSSFADE, subtype: str | None = None, strict: bool = False,
                     start: float | None = None, duration: float | None = None,
                     on_problem: Callable[[bitstream.Problem], None] | None = None,
                     progress: Callable[[float], None] | None = None) -> tuple[bitstream.StreamHeader, int]:
@@ -203,7 +203,8 @@ def decompress_file(codec: Codec, src, dst, sample_rate: int | str | None = None
   dst: an audio path (format by extension, atomic) or a binary stream (WAV,
   written window by window). sample_rate: None = 16 kHz, "original" = the
   input's rate (exactly the input's length when the stream records it), or
-  an int. chunk_frames: None = the stream's hint (default 500), 0 = whole
+  an int. subtype: None = PCM_16 for WAV, else the format's default (ogg: VORBIS).
+  chunk_frames: None = the stream's hint (default 500), 0 = whole
   file. Damage is reported to `on_problem` (default: BitstreamWarning) and
   concealed; strict=True raises BitstreamError instead (a path then gets
   nothing; a stream nothing either when src is seekable: it is checked first).
