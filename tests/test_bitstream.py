@@ -79,7 +79,7 @@ def test_pack_validation():
 
 
 def test_header_layout():
-  assert bs.HEADER_SIZE == bs.StreamHeader.HEADER_SIZE == 41 < 64
+  assert bs.HEADER_SIZE == bs.V1_HEADER_SIZE == 41 < 64
   codes, data = _stream(s=2, g=3, t=5, bits=10, sample_rate=22050, num_samples=1601,
                         chunk_frames=50)
   assert data[0:4] == b"ESCJ"
