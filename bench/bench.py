@@ -12,7 +12,8 @@ never timed):
                    files, chunks of 10 s with exact context)
   train_step       one step at batch 4 x 3 s (loss, grads, clip, AdamW), with the
                    compile time cold and from a warm persistent cache (a restart)
-  train_step_adv   the same with the adversarial discriminator (configs/9kbps_adv.py)
+  train_step_adv   the same with the adversarial discriminator (configs/9kbps_adv.py;
+                   skipped by default on CPU, see README "Training")
   data_pipeline    clips/s from the grain pipeline (bench_data.py, default workers)
 GFLOP come from XLA's cost analysis; "% peak" is achieved GFLOP/s over dot_peak.
 The original is timed with ../shared/tools/reference (and bench/reference_streams.py
@@ -135,11 +136,15 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--reference", default=None, help="the reference kit's folder (venv/ and src/), e.g. /tmp/esc_ref")
   p.add_argument("--repeats", type=int, default=3)
-  p.add_argument("--skip", default="", help="comma-separated: infer,chunked,train,adv,data")
+  p.add_argument("--skip", default=None,
+                 help="comma-separated: infer,chunked,train,adv,data (default: adv on CPU, where XLA runs the "
+                      "discriminator inside the step's lax.cond far too slowly; nothing elsewhere)")
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
   args = p.parse_args()
-  skip = set(filter(None, args.skip.split(",")))
   import jax
+  if args.skip is None:
+    args.skip = "adv" if jax.default_backend() == "cpu" else ""
+  skip = set(filter(None, args.skip.split(",")))
   from bench_codec import make_codec
   from esc_jax import runtime
   cache = tempfile.mkdtemp(prefix="esc_bench_xla_")
