@@ -177,7 +177,8 @@ def main() -> None:
     for r in rows:
       print(json.dumps({**r, "device": device, "load": load}))
     return
-  print(f"esc-jax {jax.__version__} on {device}, load average {load:.1f}")
+  import esc_jax
+  print(f"esc-jax {esc_jax.__version__}, jax {jax.__version__} on {device}, load average {load:.1f}")
   print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}  notes")
   for r in rows:
     w = r["work"]
