@@ -48,7 +48,7 @@ class NullCodec:
   def __init__(self, codec):
     self.samples_per_frame, self.hop = codec.samples_per_frame, codec.hop
     self.max_streams, self.group_size, self.codebook_size = codec.max_streams, codec.group_size, codec.codebook_size
-    self._num_frames = codec.num_frames
+    self._num_frames, self.check_streams = codec.num_frames, codec.check_streams
 
   def num_frames(self, n: int) -> int:
     return self._num_frames(n)

@@ -129,13 +129,18 @@ class Codec:
     n = x.shape[1]
     return np.pad(x, ((0, 0), (0, self.valid_length(n) - n))), n
 
-  def encode(self, audio, num_streams: int = 6) -> np.ndarray:
-    """(L,) or (B, L) audio at 16 kHz -> int32 codes (B, num_streams, group_size, T')."""
+  def check_streams(self, num_streams) -> int:
+    """num_streams as an int; ValueError unless it is an integer in 1..max_streams."""
     if isinstance(num_streams, bool) or not isinstance(num_streams, (int, np.integer)) \
         or not 1 <= num_streams <= self.max_streams:
       raise ValueError(f"num_streams must be an integer in 1..{self.max_streams}, got {num_streams!r}")
+    return int(num_streams)
+
+  def encode(self, audio, num_streams: int = 6) -> np.ndarray:
+    """(L,) or (B, L) audio at 16 kHz -> int32 codes (B, num_streams, group_size, T')."""
+    num_streams = self.check_streams(num_streams)
     x, _ = self.pad(audio)
-    return np.asarray(self._encode(self.variables, x, int(num_streams)))
+    return np.asarray(self._encode(self.variables, x, num_streams))
 
   def decode(self, codes, length: int | None = None) -> np.ndarray:
     """int codes (B, s, group_size, T') or (s, group_size, T') -> float32 audio (B, L).

@@ -39,7 +39,7 @@ from esc_jax.api import Codec
 from esc_jax.audio_io import MODEL_RATE, AudioReader, WavStreamReader, open_audio_writer
 from esc_jax.files import find_files, is_path, open_atomic, seekable
 from esc_jax.streaming import (ALIGN_FRAMES, DEFAULT_CHUNK_FRAMES, DEFAULT_CROSSFADE, ChunkedDecoder,
-                               ChunkedEncoder, context_frames_for, decode_span)
+                               ChunkedEncoder, decode_span)
 
 ESC_EXTENSION = ".esc"
 DEFAULT_SEGMENT_FRAMES = bitstream.DEFAULT_SEGMENT_FRAMES  # 1 s
@@ -118,7 +118,6 @@ def compress_file(codec: Codec, src, dst, num_streams: int, chunk_frames: int | 
   """
   if chunk_frames is None:
     chunk_frames = DEFAULT_CHUNK_FRAMES if is_path(src) else -(-segment_frames // ALIGN_FRAMES) * ALIGN_FRAMES
-  context_frames = context_frames_for(codec) if context_frames is None else context_frames
   enc = ChunkedEncoder(codec, num_streams, chunk_frames, context_frames, _seconds_progress(codec, progress))
   with _audio_reader(src, raw_rate) as reader:
     header = bitstream.StreamHeader(
@@ -179,12 +178,13 @@ def _output_length(n16: int, rate: int, sample_rate, input_samples: int | None) 
   return int(round(n16 * rate / MODEL_RATE))
 
 
-def _decode_chunking(codec: Codec, header: bitstream.StreamHeader, chunk_frames, context_frames):
+def _decode_chunk_frames(header: bitstream.StreamHeader, chunk_frames):
+  """chunk_frames, or the stream's hint (default 500) when None."""
   if chunk_frames is None:
     chunk_frames = header.chunk_frames or DEFAULT_CHUNK_FRAMES
     if chunk_frames % ALIGN_FRAMES:  # a foreign encoder's hint we cannot use
       chunk_frames = DEFAULT_CHUNK_FRAMES
-  return chunk_frames, context_frames_for(codec) if context_frames is None else context_frames
+  return chunk_frames
 
 
 def _lost(header: bitstream.StreamHeader, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -229,7 +229,7 @@ def decompress_file(codec: Codec, src, dst, sample_rate: int | str | None = None
       if trailer is not None:
         check_lengths(codec, header.with_trailer(trailer), name)
       rate = output_rate(header, sample_rate)
-      chunk_frames, context_frames = _decode_chunking(codec, header, chunk_frames, context_frames)
+      chunk_frames = _decode_chunk_frames(header, chunk_frames)  # context None: the model's (streaming)
       if start is not None or duration is not None:
         return _decompress_span(codec, reader, dst, name, rate, sample_rate, start or 0.0, duration,
                                 chunk_frames, context_frames, crossfade, subtype)

@@ -97,6 +97,18 @@ class Codebook(nn.Module):
     return z_q, code, cm, cb
 
 
+def check_map(x, in_freq: int, in_dim: int) -> None:
+  """ValueError unless x is a (B, in_freq, W, in_dim) map."""
+  if x.shape[1] != in_freq or x.shape[3] != in_dim:
+    raise ValueError(f"quantizer expects (B, {in_freq}, W, {in_dim}), got {x.shape}")
+
+
+def split_groups(z, dims):
+  """(..., sum(dims)) -> the product groups [(..., dims[0]), (..., dims[1]), ...]."""
+  bounds = np.cumsum([0, *dims])
+  return [z[..., a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
 class ProductVQ(nn.Module):
   """ESC's ProductVectorQuantize on (B, H, W, C) maps with H = in_freq, C = in_dim."""
   in_dim: int
@@ -114,12 +126,10 @@ class ProductVQ(nn.Module):
     self.up_projs = [Linear(d, self.codebook_dim, use_bias=False) for d in self.vq_dims]
 
   def _groups(self, z):
-    bounds = np.cumsum([0] + list(self.vq_dims))
-    return [z[..., bounds[m]:bounds[m + 1]] for m in range(self.num_vqs)]
+    return split_groups(z, self.vq_dims)
 
   def _check(self, x):
-    if x.shape[1] != self.in_freq or x.shape[3] != self.in_dim:
-      raise ValueError(f"quantizer expects (B, {self.in_freq}, W, {self.in_dim}), got {x.shape}")
+    check_map(x, self.in_freq, self.in_dim)
 
   def __call__(self, x, train: bool = False, freeze=False):
     """Quantise x (B, H, W, C).
@@ -251,11 +261,8 @@ class ProductResidualVQ(nn.Module):
                 for d in self.vq_dims]
 
   def _groups(self, x):
-    if x.shape[1] != self.in_freq or x.shape[3] != self.in_dim:
-      raise ValueError(f"quantizer expects (B, {self.in_freq}, W, {self.in_dim}), got {x.shape}")
-    z = to_vectors(x, self.overlap)
-    bounds = np.cumsum([0] + list(self.vq_dims))
-    return [z[..., bounds[m]:bounds[m + 1]] for m in range(self.num_pvqs)]
+    check_map(x, self.in_freq, self.in_dim)
+    return split_groups(to_vectors(x, self.overlap), self.vq_dims)
 
   def _map(self, parts):
     return from_vectors(jnp.concatenate(parts, -1), self.in_freq, self.in_dim, self.overlap)

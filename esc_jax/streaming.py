@@ -155,11 +155,8 @@ class ChunkedEncoder:
                on_frames: Callable[[int], None] | None = None):
     context_frames = _context(codec, context_frames)
     check_chunking(chunk_frames, context_frames)
-    if isinstance(num_streams, bool) or not isinstance(num_streams, (int, np.integer)) \
-        or not 1 <= num_streams <= codec.max_streams:
-      raise ValueError(f"num_streams must be an integer in 1..{codec.max_streams}, got {num_streams!r}")
     self.codec = codec
-    self.num_streams = int(num_streams)
+    self.num_streams = codec.check_streams(num_streams)
     self.chunk_frames, self.context_frames = int(chunk_frames), int(context_frames)
     self.on_frames = on_frames  # progress callback: frames just coded
     self.num_samples = 0  # samples pushed so far

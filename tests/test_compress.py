@@ -207,7 +207,7 @@ def test_chunked_matches_whole_file(codec, speech):
 def test_default_context_is_the_models():
   """The chunked coders default to their model's own context (ESC-Large needs 44 frames, not Base's 24)."""
   large = make_model(dict(ESC_BASE, swin_depth=4))
-  codec = types.SimpleNamespace(model=large, max_streams=6, samples_per_frame=320, hop=80,
+  codec = types.SimpleNamespace(model=large, max_streams=6, samples_per_frame=320, hop=80, check_streams=int,
                                 frames_to_samples=lambda t: t * 320 - 80)
   assert streaming.context_frames_for(codec) == 44
   assert streaming.ChunkedEncoder(codec, 6).context_frames == 44
