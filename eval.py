@@ -122,4 +122,6 @@ def _fail(msg, code: int) -> int:
 
 
 if __name__ == "__main__":
+  from esc_jax import runtime
+  runtime.keep_host_memory()
   sys.exit(main())

@@ -141,12 +141,13 @@ def main() -> None:
                       "discriminator inside the step's lax.cond far too slowly; nothing elsewhere)")
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
   args = p.parse_args()
+  from esc_jax import runtime
+  runtime.keep_host_memory()
   import jax
   if args.skip is None:
     args.skip = "adv" if jax.default_backend() == "cpu" else ""
   skip = set(filter(None, args.skip.split(",")))
   from bench_codec import make_codec
-  from esc_jax import runtime
   cache = tempfile.mkdtemp(prefix="esc_bench_xla_")
   runtime.enable_compile_cache(cache)
   peak = dot_peak()

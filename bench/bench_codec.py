@@ -228,6 +228,8 @@ def bench_quality(codec, keep, secs, streams, alignment_study: bool):
 def _child(argv) -> None:
   """Runs in a fresh process: compress or decompress one file, print JSON stats."""
   kind, codec_dir, src, dst, chunk = argv
+  from esc_jax import runtime
+  runtime.keep_host_memory()  # as the CLI does
   import esc_jax
   from esc_jax import compress
   t = time.perf_counter()
@@ -304,6 +306,8 @@ def main(argv=None):
   if args._child:
     return _child(args._child)
 
+  from esc_jax import runtime
+  runtime.keep_host_memory()
   import jax
   print(f"jax {jax.__version__} {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}", flush=True)

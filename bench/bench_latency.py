@@ -126,9 +126,11 @@ def main(argv=None):
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
   args = p.parse_args(argv)
 
+  from esc_jax import runtime
+  runtime.keep_host_memory()
   import jax
   from bench_codec import make_codec, table
-  from esc_jax import bitstream, runtime, streaming
+  from esc_jax import bitstream, streaming
   runtime.enable_compile_cache()
   log = sys.stderr if args.json else sys.stdout
   print(f"jax {jax.__version__} {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "

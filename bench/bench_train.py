@@ -36,10 +36,12 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
+  from esc_jax import runtime
+  runtime.keep_host_memory()
   import jax
   import numpy as np
 
-  from esc_jax import runtime, train_lib
+  from esc_jax import train_lib
 
   runtime.enable_compile_cache(FLAGS.compile_cache or None)
   c = FLAGS.config
@@ -59,9 +61,9 @@ def main(argv):
     state, m = program.step(state, batches[i % 2])
     jax.block_until_ready(m)
   t0, c0 = time.perf_counter(), time.process_time()
-  for i in range(FLAGS.steps):
+  for i in range(FLAGS.steps):  # as train_lib's loop: the metrics of each step are fetched
     state, m = program.step(state, batches[i % 2])
-  jax.block_until_ready(m)
+    m = jax.device_get(m)
   dt = (time.perf_counter() - t0) / FLAGS.steps
   cpu = (time.process_time() - c0) / FLAGS.steps  # all threads of this process
   ca = program.step.cost_analysis()

@@ -1,13 +1,56 @@
-"""Process set-up shared by the command-line programs: compile cache and multi-process JAX.
+"""Process set-up shared by the command-line programs: host allocator, compile cache and
+multi-process JAX.
 
-Call these before any computation (they configure JAX, not the model).
+Call these before any computation (they configure the process and JAX, not the model).
 """
 from __future__ import annotations
 
+import ctypes
 import itertools
 import os
+import platform
 
 CACHE_ENV = "ESC_JAX_CACHE"  # folder of the persistent compile cache; "0"/"off"/"" disables it
+MALLOC_ENV = "ESC_JAX_KEEP_HOST_MEMORY"  # "0"/"off" leaves glibc's malloc settings alone
+
+# mallopt(3) parameters (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+
+
+def keep_host_memory() -> bool:
+  """Makes glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+  XLA:CPU mallocs every call's buffers: an ESC-Base train step (batch 4 x 3 s)
+  takes ~5.5 GB of temporaries, 60 s of encode + decode ~24 GB over its
+  programs. glibc serves such blocks with fresh `mmap`s (always, from the
+  per-thread arenas XLA's worker threads use) and unmaps them on `free`, so each
+  call page-faults its whole working set back in, 4 KiB at a time, zero-filled
+  by the kernel: ~1.4 M faults and ~2 s of system CPU per train step. With one
+  arena, no `mmap` and no trimming, later calls reuse the pages of the first:
+  the train step takes ~17% less time, 60 s of encode + decode ~28% less.
+
+  The cost: the process keeps its peak heap (RSS does not shrink between
+  calls) and its threads share one malloc arena. Applies to Linux with glibc;
+  elsewhere, or with $ESC_JAX_KEEP_HOST_MEMORY=0, it does nothing. Call it
+  before the first JAX computation (threads that already have an arena keep
+  it). Returns whether the settings were applied.
+  """
+  if os.environ.get(MALLOC_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+    return False
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    mallopt = ctypes.CDLL("libc.so.6").mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+  # -1 is SIZE_MAX as a trim threshold: never give the top of the heap back.
+  settings = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
+  if not all([mallopt(param, value) == 1 for param, value in settings]):
+    return False
+  import jax
+  jax.config.update("jax_cpu_enable_async_dispatch", False)
+  return True
 
 
 def default_cache_dir() -> str | None:
