@@ -123,5 +123,5 @@ def _fail(msg, code: int) -> int:
 
 if __name__ == "__main__":
   from esc_jax import runtime
-  runtime.keep_host_memory()
+  runtime.preload_allocator()
   sys.exit(main())

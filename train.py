@@ -46,7 +46,7 @@ def main(argv):
   del argv
   _quiet_libraries()
   from esc_jax import runtime  # after flag parsing; imports jax lazily
-  runtime.keep_host_memory()
+  runtime.preload_allocator()
   runtime.maybe_initialize_distributed()
   runtime.enable_compile_cache(FLAGS.compile_cache or None)
   import jax

@@ -122,13 +122,16 @@ def data_row() -> dict:
 def reference_rows(ref: str) -> dict:
   """The original's times: {(work, audio_s, streams or batch): seconds}."""
   py, src = os.path.join(ref, "venv", "bin", "python"), os.path.join(ref, "src")
+  from esc_jax import runtime
+  env = runtime.without_preload()  # the original with its usual allocator
   out = {}
   for args, key in ((["infer", "10"], ("infer", 10, 6)), (["infer", "60"], ("infer", 60, 6)),
                     (["train", "4"], ("train_step", 3, 4))):
-    r = _json_run([py, os.path.join(KIT, "bench_reference.py"), src, *args], "the reference's " + " ".join(args))
+    r = _json_run([py, os.path.join(KIT, "bench_reference.py"), src, *args], "the reference's " + " ".join(args),
+                  env=env)
     out[key] = r.get("median_s", r.get("median_step_s"))
   out[("infer", 10, 1)] = _json_run([py, os.path.join(ROOT, "bench", "reference_streams.py"), src, "10", "1"],
-                                    "reference_streams", env={**os.environ, "ESC_REFERENCE_KIT": KIT})["median_s"]
+                                    "reference_streams", env={**env, "ESC_REFERENCE_KIT": KIT})["median_s"]
   return out
 
 
@@ -142,7 +145,7 @@ def main() -> None:
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
   args = p.parse_args()
   from esc_jax import runtime
-  runtime.keep_host_memory()
+  runtime.preload_allocator()
   import jax
   if args.skip is None:
     args.skip = "adv" if jax.default_backend() == "cpu" else ""
@@ -174,12 +177,14 @@ def main() -> None:
       r["original_s"], r["ratio"] = ref[key()], ref[key()] / mine
   device = f"{len(jax.devices())} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs"
   load = os.getloadavg()[0]
+  malloc = os.path.basename(runtime.preloaded_allocator() or "system malloc")
   if args.json:
     for r in rows:
-      print(json.dumps({**r, "device": device, "load": load}))
+      print(json.dumps({**r, "device": device, "load": load, "malloc": malloc}))
     return
   import esc_jax
-  print(f"esc-jax {esc_jax.__version__}, jax {jax.__version__} on {device}, load average {load:.1f}")
+  print(f"esc-jax {esc_jax.__version__}, jax {jax.__version__} on {device}, {malloc} "
+        f"(the original: system malloc), load average {load:.1f}")
   print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}  notes")
   for r in rows:
     w = r["work"]

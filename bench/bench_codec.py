@@ -229,7 +229,7 @@ def _child(argv) -> None:
   """Runs in a fresh process: compress or decompress one file, print JSON stats."""
   kind, codec_dir, src, dst, chunk = argv
   from esc_jax import runtime
-  runtime.keep_host_memory()  # as the CLI does
+  runtime.preload_allocator()  # as the CLI does
   import esc_jax
   from esc_jax import compress
   t = time.perf_counter()
@@ -307,7 +307,7 @@ def main(argv=None):
     return _child(args._child)
 
   from esc_jax import runtime
-  runtime.keep_host_memory()
+  runtime.preload_allocator()
   import jax
   print(f"jax {jax.__version__} {jax.devices()[0].platform}, {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.1f}", flush=True)

@@ -127,7 +127,7 @@ def main(argv=None):
   args = p.parse_args(argv)
 
   from esc_jax import runtime
-  runtime.keep_host_memory()
+  runtime.preload_allocator()
   import jax
   from bench_codec import make_codec, table
   from esc_jax import bitstream, streaming

@@ -34,10 +34,19 @@ flags.DEFINE_string("compile_cache", "default",
 FLAGS = flags.FLAGS
 
 
+def _page_faults() -> int:
+  """Minor page faults of this process so far (0 where getrusage is missing)."""
+  try:
+    import resource
+  except ImportError:
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def main(argv):
   del argv
   from esc_jax import runtime
-  runtime.keep_host_memory()
+  runtime.preload_allocator()
   import jax
   import numpy as np
 
@@ -60,12 +69,14 @@ def main(argv):
   for i in range(FLAGS.warmup):
     state, m = program.step(state, batches[i % 2])
     jax.block_until_ready(m)
+  f0 = _page_faults()
   t0, c0 = time.perf_counter(), time.process_time()
   for i in range(FLAGS.steps):  # as train_lib's loop: the metrics of each step are fetched
     state, m = program.step(state, batches[i % 2])
     m = jax.device_get(m)
   dt = (time.perf_counter() - t0) / FLAGS.steps
   cpu = (time.process_time() - c0) / FLAGS.steps  # all threads of this process
+  faults = (_page_faults() - f0) / FLAGS.steps
   ca = program.step.cost_analysis()
   ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
   gflop = float(ca.get("flops", float("nan"))) / 1e9
@@ -74,16 +85,17 @@ def main(argv):
   row = dict(work="train_step_adv" if program.adversarial else "train_step", device=dev,
              batch=FLAGS.batch_size, clip_samples=length, dtype=c.train.compute_dtype, s_per_step=dt,
              clips_per_s=FLAGS.batch_size / dt, cpu_s_per_step=cpu, gflop_per_step=gflop,
-             gflop_per_s=gflop / dt, build_s=build_s, compile_s=program.compile_s, load=load)
+             gflop_per_s=gflop / dt, page_faults_per_step=faults, build_s=build_s, compile_s=program.compile_s, load=load)
   if FLAGS.json:
     print(json.dumps(row), flush=True)
     return
   print(f"build {build_s:.1f} s, of which compiling the step {program.compile_s:.1f} s "
         f"(persistent cache: {FLAGS.compile_cache or 'off'})")
   print(f"{'device':<22} {'batch':>5} {'clip':>7} {'s/step':>8} {'clips/s':>8} {'audio-s/s':>10} "
-        f"{'cpu-s/step':>10} {'GFLOP/s':>8} {'load':>5}")
+        f"{'cpu-s/step':>10} {'GFLOP/s':>8} {'faults/step':>11} {'load':>5}")
   print(f"{dev:<22} {FLAGS.batch_size:>5} {length:>7} {dt:>8.3f} {FLAGS.batch_size / dt:>8.3f} "
-        f"{FLAGS.batch_size * length / 16000 / dt:>10.2f} {cpu:>10.2f} {gflop / dt:>8.1f} {load:>5.1f}")
+        f"{FLAGS.batch_size * length / 16000 / dt:>10.2f} {cpu:>10.2f} {gflop / dt:>8.1f} {faults:>11.0f} "
+        f"{load:>5.1f}")
   print("(cpu-s/step: CPU time of this process per step, all threads; on a shared machine "
         "s/step depends on the load average, cpu-s/step much less)")
 

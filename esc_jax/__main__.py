@@ -238,7 +238,7 @@ def main(argv=None) -> int:
   try:
     if argv is None:
       from esc_jax import runtime
-      runtime.keep_host_memory()
+      runtime.preload_allocator()
       runtime.enable_compile_cache()
     return run(args)
   except KeyboardInterrupt:

@@ -1,26 +1,35 @@
-"""runtime.keep_host_memory: repeated XLA:CPU calls reuse their pages instead of faulting them in.
+"""runtime.preload_allocator: the programs restart once with tcmalloc preloaded, so repeated
+XLA:CPU calls reuse their pages instead of page-faulting them in again.
 
-Each case runs in a fresh process: the allocator settings are process-wide and
-must precede JAX's first computation.
+Each case runs a fresh process: the restart replaces the process.
 """
 from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
-import pytest
+from esc_jax import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STAND_IN = "libanl.so.1"  # a glibc library no Python process loads: harmless to preload
 
-PROBE = r"""
+RESTART = r"""
+import json, os
+print("start", flush=True)
+from esc_jax import runtime
+returned = runtime.preload_allocator()
+print(json.dumps(dict(returned=returned, ld_preload=os.environ.get("LD_PRELOAD"),
+                      lib=runtime.preloaded_allocator(), mapped=runtime._mapped("%s"),
+                      child=runtime.without_preload().get("LD_PRELOAD"))))
+""" % STAND_IN
+
+FAULTS = r"""
 import json, resource
 from esc_jax import runtime
-applied = runtime.keep_host_memory()
+runtime.preload_allocator()
 import jax, jax.numpy as jnp
-
 f = jax.jit(lambda x: jnp.sin(x) * x)  # a fresh 128 MiB output per call
 x = jnp.ones((32 << 20,), jnp.float32)
 f(x).block_until_ready()
@@ -31,26 +40,39 @@ for _ in range(3):
   y.block_until_ready()
   del y
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps(dict(applied=applied, faults=min(faults),
-                      async_dispatch=bool(jax.config.values["jax_cpu_enable_async_dispatch"]))))
+print(json.dumps(dict(lib=runtime.preloaded_allocator(), faults=min(faults))))
 """
 
-glibc_only = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc malloc settings")
+
+def _run(script: str, malloc: str, **env) -> tuple[list[str], dict]:
+  env = dict(os.environ, ESC_JAX_MALLOC=malloc, JAX_PLATFORMS="cpu", **env)
+  for k in ("LD_PRELOAD", "ESC_JAX_MALLOC_PRELOADED"):
+    env.pop(k, None)
+  out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=300, check=True).stdout.strip().splitlines()
+  return out[:-1], json.loads(out[-1])
 
 
-def _probe(keep: str) -> dict:
-  env = dict(os.environ, ESC_JAX_KEEP_HOST_MEMORY=keep, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=300, check=True).stdout
-  return json.loads(out.strip().splitlines()[-1])
+def test_restarts_once_with_the_library():
+  printed, r = _run(RESTART, STAND_IN)
+  assert printed == ["start", "start"]  # the command ran again, once
+  assert r == dict(returned=False, ld_preload=STAND_IN, lib=STAND_IN, mapped=True, child=None)
 
 
-@glibc_only
-def test_keep_host_memory_reuses_pages():
-  on, off = _probe("1"), _probe("0")
-  assert on["applied"] and not on["async_dispatch"]
-  assert not off["applied"] and off["async_dispatch"]
-  pages = (128 << 20) // 4096  # one output's worth of 4 KiB pages
-  assert off["faults"] > pages // 2  # glibc's default: a fresh mmap per call, faulted page by page
-  assert on["faults"] < pages // 100  # kept: the next call reuses the freed block
+def test_system_allocator_is_left_alone():
+  printed, r = _run(RESTART, "system")
+  assert printed == ["start"]
+  assert r == dict(returned=False, ld_preload=None, lib=None, mapped=False, child=None)
+
+
+def test_tcmalloc_reuses_pages():
+  """With tcmalloc (CI installs it) the second call of a program faults in almost no pages;
+  glibc's malloc maps and faults a fresh block every call."""
+  pages = (128 << 20) // 4096
+  _, system = _run(FAULTS, "system")
+  assert system["lib"] is None and system["faults"] > pages // 2
+  _, fast = _run(FAULTS, "tcmalloc")
+  if runtime.find_tcmalloc() is None:  # not installed: the program runs on, unchanged
+    assert fast["lib"] is None and fast["faults"] > pages // 2
+  else:
+    assert "tcmalloc" in fast["lib"] and fast["faults"] < pages // 100
