@@ -122,8 +122,7 @@ def data_row() -> dict:
 def reference_rows(ref: str) -> dict:
   """The original's times: {(work, audio_s, streams or batch): seconds}."""
   py, src = os.path.join(ref, "venv", "bin", "python"), os.path.join(ref, "src")
-  from esc_jax import runtime
-  env = runtime.without_preload()  # the original with its usual allocator
+  env = dict(os.environ)  # the same allocator as ours (LD_PRELOAD is inherited): the ratio compares code
   out = {}
   for args, key in ((["infer", "10"], ("infer", 10, 6)), (["infer", "60"], ("infer", 60, 6)),
                     (["train", "4"], ("train_step", 3, 4))):
@@ -177,14 +176,14 @@ def main() -> None:
       r["original_s"], r["ratio"] = ref[key()], ref[key()] / mine
   device = f"{len(jax.devices())} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs"
   load = os.getloadavg()[0]
-  malloc = os.path.basename(runtime.preloaded_allocator() or "system malloc")
+  malloc = os.path.basename(runtime.preloaded_allocator() or "system malloc")  # the original's too
   if args.json:
     for r in rows:
       print(json.dumps({**r, "device": device, "load": load, "malloc": malloc}))
     return
   import esc_jax
   print(f"esc-jax {esc_jax.__version__}, jax {jax.__version__} on {device}, {malloc} "
-        f"(the original: system malloc), load average {load:.1f}")
+        f"(both), load average {load:.1f}")
   print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}  notes")
   for r in rows:
     w = r["work"]

@@ -85,7 +85,8 @@ def main(argv):
   row = dict(work="train_step_adv" if program.adversarial else "train_step", device=dev,
              batch=FLAGS.batch_size, clip_samples=length, dtype=c.train.compute_dtype, s_per_step=dt,
              clips_per_s=FLAGS.batch_size / dt, cpu_s_per_step=cpu, gflop_per_step=gflop,
-             gflop_per_s=gflop / dt, page_faults_per_step=faults, build_s=build_s, compile_s=program.compile_s, load=load)
+             gflop_per_s=gflop / dt, page_faults_per_step=faults, build_s=build_s,
+             compile_s=program.compile_s, load=load)
   if FLAGS.json:
     print(json.dumps(row), flush=True)
     return

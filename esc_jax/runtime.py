@@ -5,7 +5,6 @@ Call these before any computation (they configure the process and JAX, not the m
 """
 from __future__ import annotations
 
-import ctypes
 import ctypes.util
 import glob
 import itertools
@@ -51,8 +50,8 @@ def preload_allocator() -> bool:
   XLA's worker threads still get one, and one shared arena slows every
   `malloc` after a compile). tcmalloc keeps freed pages for reuse: the train
   step takes ~30% less time, 60 s of encode + decode ~30% less, and the peak
-  RSS is no higher. (PyTorch's `torch.backends.xeon.run_cpu` preloads it for
-  the same reason.)
+  RSS is no higher. (PyTorch's CPU launcher, `torch.backends.xeon.run_cpu`,
+  offers the same preload.)
 
   Call it first thing in a program's main: it re-executes the same command
   line, so nothing done before is kept. $ESC_JAX_MALLOC: "tcmalloc" (default),
@@ -67,7 +66,7 @@ def preload_allocator() -> bool:
   if os.environ.get(_PRELOADED_ENV) or not sys.argv or sys.argv[0] in ("", "-"):
     return False  # restarted already, or a program read from stdin (cannot be read again)
   lib = find_tcmalloc() if choice.lower() == "tcmalloc" else choice
-  if not lib or _mapped(lib):
+  if not lib or _mapped(lib) or os.sep in lib and not os.path.isfile(lib):
     return False
   env = dict(os.environ, LD_PRELOAD=" ".join(filter(None, [lib, os.environ.get("LD_PRELOAD", "")])))
   env[_PRELOADED_ENV] = lib
@@ -84,19 +83,6 @@ def preload_allocator() -> bool:
 def preloaded_allocator() -> str | None:
   """The library `preload_allocator` restarted this process with, or None."""
   return os.environ.get(_PRELOADED_ENV) or None
-
-
-def without_preload(env=None) -> dict:
-  """A copy of `env` (default os.environ) without what `preload_allocator` added,
-  for child programs that should run with their usual allocator."""
-  env = dict(os.environ if env is None else env)
-  lib = env.pop(_PRELOADED_ENV, None)
-  if lib:
-    rest = [p for p in env.get("LD_PRELOAD", "").replace(":", " ").split() if p != lib]
-    env["LD_PRELOAD"] = " ".join(rest)
-    if not rest:
-      del env["LD_PRELOAD"]
-  return env
 
 
 def default_cache_dir() -> str | None:
