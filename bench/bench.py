@@ -120,17 +120,19 @@ def data_row() -> dict:
 
 
 def reference_rows(ref: str) -> dict:
-  """The original's times: {(work, audio_s, streams or batch): seconds}."""
+  """The original's times: {(work, audio_s, streams or batch): seconds}.
+
+  Its processes inherit our environment, LD_PRELOAD included: the same allocator
+  as ours (see runtime.preload_allocator), so the ratios compare code.
+  """
   py, src = os.path.join(ref, "venv", "bin", "python"), os.path.join(ref, "src")
-  env = dict(os.environ)  # the same allocator as ours (LD_PRELOAD is inherited): the ratio compares code
   out = {}
   for args, key in ((["infer", "10"], ("infer", 10, 6)), (["infer", "60"], ("infer", 60, 6)),
                     (["train", "4"], ("train_step", 3, 4))):
-    r = _json_run([py, os.path.join(KIT, "bench_reference.py"), src, *args], "the reference's " + " ".join(args),
-                  env=env)
+    r = _json_run([py, os.path.join(KIT, "bench_reference.py"), src, *args], "the reference's " + " ".join(args))
     out[key] = r.get("median_s", r.get("median_step_s"))
   out[("infer", 10, 1)] = _json_run([py, os.path.join(ROOT, "bench", "reference_streams.py"), src, "10", "1"],
-                                    "reference_streams", env={**env, "ESC_REFERENCE_KIT": KIT})["median_s"]
+                                    "reference_streams", env={**os.environ, "ESC_REFERENCE_KIT": KIT})["median_s"]
   return out
 
 
@@ -176,14 +178,14 @@ def main() -> None:
       r["original_s"], r["ratio"] = ref[key()], ref[key()] / mine
   device = f"{len(jax.devices())} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs"
   load = os.getloadavg()[0]
-  malloc = os.path.basename(runtime.preloaded_allocator() or "system malloc")  # the original's too
+  malloc = os.path.basename(runtime.preloaded_allocator() or "system malloc")  # the original's as well
   if args.json:
     for r in rows:
       print(json.dumps({**r, "device": device, "load": load, "malloc": malloc}))
     return
   import esc_jax
-  print(f"esc-jax {esc_jax.__version__}, jax {jax.__version__} on {device}, {malloc} "
-        f"(both), load average {load:.1f}")
+  print(f"esc-jax {esc_jax.__version__}, jax {jax.__version__} on {device}, load average {load:.1f}, "
+        f"malloc: {malloc} (ours and the original's)")
   print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}  notes")
   for r in rows:
     w = r["work"]
