@@ -39,14 +39,41 @@ class Linear(nn.Module):
     if self.use_bias:
       self.bias = self.param("bias", torch_bias_init(self.in_features), (self.features,), jnp.float32)
 
-  def matmul(self, x):
-    return jnp.dot(x.astype(self.dtype), self.kernel.astype(self.dtype))
-
-  def add_bias(self, y):
+  def __call__(self, x):
+    y = dense(x.astype(self.dtype), self.kernel.astype(self.dtype))
     return y + self.bias.astype(y.dtype) if self.use_bias else y
 
-  def __call__(self, x):
-    return self.add_bias(self.matmul(x))
+
+@jax.custom_vjp
+def dense(x, kernel):
+  """x (..., in) @ kernel (in, out) -> (..., out).
+
+  The backward pass forms the kernel gradient as x^T g when in <= out and as
+  (g^T x)^T otherwise: XLA:CPU materialises the transpose of the left operand of a
+  dot contracting over tokens, so this transposes the narrower of x and g (autodiff
+  always transposes g, e.g. 4C channels in the MLP's first layer instead of C).
+  """
+  return jnp.dot(x, kernel)
+
+
+def _dense_fwd(x, kernel):
+  return jnp.dot(x, kernel), (x, kernel)
+
+
+def _dense_bwd(res, g):
+  x, kernel = res
+  n_in, n_out = kernel.shape
+  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  x2, g2 = x.reshape(-1, n_in), g.reshape(-1, n_out)
+  tokens = (((0,), (0,)), ((), ()))
+  if n_in <= n_out:
+    dk = jax.lax.dot_general(x2, g2, tokens)
+  else:
+    dk = jax.lax.dot_general(g2, x2, tokens).T
+  return dx.astype(x.dtype), dk.astype(kernel.dtype)
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def Conv2d(features: int, in_features: int, kernel: tuple[int, int], stride=(1, 1),
