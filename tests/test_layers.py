@@ -38,27 +38,51 @@ def test_shift_mask_regions():
 
 
 @pytest.mark.parametrize("shift", [0, 2])
-def test_window_attention_bf16_stays_bf16_on_padded_maps(shift):
-  """bf16 compute on a map that needs padding (H=2, odd W): bf16 outputs and cotangents, close to float32."""
+def test_window_attention_bf16_stays_bf16(shift):
+  """bf16 compute: bf16 outputs and cotangents, close to float32."""
   import jax.numpy as jnp
   from esc_jax.layers.attention import window_attention
-  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(shift), 4)
+  k1, k3, k4 = jax.random.split(jax.random.PRNGKey(shift), 3)
   heads, c = 3, 12
-  qkv = jax.random.normal(k1, (2, 2, 7, 3 * c))
-  bias, pos = jax.random.normal(k2, (3 * c,)), 0.1 * jax.random.normal(k3, (heads, 16, 16))
-  g = jax.random.normal(k4, (2, 2, 7, c))
+  qkv = jax.random.normal(k1, (2, 4, 16, 3 * c))  # 4 windows of an (8, 8) map
+  pos = 0.1 * jax.random.normal(k3, (heads, 16, 16))
+  g = jax.random.normal(k4, (2, 4, 16, c))
 
   def run(dtype):
-    f = lambda q, b, p: window_attention(q, b, p, heads, 4, shift)  # noqa: E731
-    out, vjp = jax.vjp(f, qkv.astype(dtype), bias.astype(dtype), pos)
+    f = lambda q, p: window_attention(q, p, heads, (8, 8, 4, shift) if shift else None)  # noqa: E731
+    out, vjp = jax.vjp(f, qkv.astype(dtype), pos)
     return out, vjp(g.astype(dtype))
 
-  out16, (dq16, db16, dp16) = run(jnp.bfloat16)
-  out32, (dq32, db32, dp32) = run(jnp.float32)
-  assert out16.dtype == dq16.dtype == db16.dtype == jnp.bfloat16 and dp16.dtype == jnp.float32
-  for a, b in ((out16, out32), (dq16, dq32), (db16, db32), (dp16, dp32)):
+  out16, (dq16, dp16) = run(jnp.bfloat16)
+  out32, (dq32, dp32) = run(jnp.float32)
+  assert out16.dtype == dq16.dtype == jnp.bfloat16 and dp16.dtype == jnp.float32
+  for a, b in ((out16, out32), (dq16, dq32), (dp16, dp32)):
     a, b = np.asarray(a, np.float32), np.asarray(b)
     assert np.abs(a - b).max() <= 0.05 * np.abs(b).max() + 1e-3
+
+
+@pytest.mark.parametrize("hw,shift", [((8, 12), 0), ((8, 12), 2), ((2, 7), 2)])
+def test_window_order_is_pad_roll_partition(hw, shift):
+  """to/from_window_order equal Swin's pad -> roll -> partition and its inverse, and the
+  re-order's VJP is the inverse re-order (the gradient of the gather it replaces)."""
+  import jax.numpy as jnp
+  from esc_jax.layers.attention import (from_window_order, padded_size, reorder_tokens,
+                                        to_window_order, window_partition)
+  h, w = hw
+  hp, wp = padded_size(h, 4), padded_size(w, 4)
+  x = jax.random.normal(jax.random.PRNGKey(h * w + shift), (2, h, w, 3))
+  ref = jnp.roll(jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0))), (-shift, -shift), (1, 2))
+  ref = window_partition(ref, 4).reshape(2, hp * wp, 3)
+  ours = to_window_order(x, 4, shift)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+  np.testing.assert_array_equal(np.asarray(from_window_order(ours, h, w, 4, shift)), np.asarray(x))
+  other = reorder_tokens(to_window_order(x, 4, 0), hp, wp, 4, 0, shift)
+  np.testing.assert_array_equal(np.asarray(other), np.asarray(ref))
+  g = jax.random.normal(jax.random.PRNGKey(7), ours.shape)
+  _, vjp = jax.vjp(lambda t: reorder_tokens(t, hp, wp, 4, None, shift), ours)
+  _, vjp_ref = jax.vjp(lambda t: t[:, np.asarray(window_partition(
+      np.roll(np.arange(hp * wp).reshape(1, hp, wp, 1), (-shift, -shift), (1, 2)), 4)).reshape(-1)], ours)
+  np.testing.assert_array_equal(np.asarray(vjp(g)[0]), np.asarray(vjp_ref(g)[0]))
 
 
 @pytest.mark.parametrize("n_in,n_out", [(6, 24), (24, 6)])  # both kernel-gradient forms

@@ -2,8 +2,10 @@
 
 Feature maps are (B, H, W, C) with H the frequency and W the time axis; the
 PyTorch original flattens them to (B, H*W, C) row-major, which is a free
-reshape of this layout. Masks and relative-position indices are numpy
-constants built at trace time, so nothing about them is recomputed per step.
+reshape of this layout. Inside a `TransformerLayer` the tokens are kept in
+window order (see `window_order`), so a block's windows are a free reshape too.
+Masks, relative-position indices and re-order indices are numpy constants built
+at trace time, so nothing about them is recomputed per step.
 """
 from __future__ import annotations
 
@@ -53,30 +55,72 @@ def window_partition(x, window: int):
   return x.reshape(b, (hp // window) * (wp // window), window * window, c)
 
 
-def window_reverse(x, window: int, hp: int, wp: int):
-  """(B, nW, w*w, C) -> (B, Hp, Wp, C); inverse of `window_partition`."""
-  b, _, _, c = x.shape
-  x = x.reshape(b, hp // window, wp // window, window, window, c)
-  return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, c)
+def padded_size(n: int, window: int) -> int:
+  """n rounded up to a multiple of the window."""
+  return -(-n // window) * window
 
 
-def _to_windows(t, window: int, shift: int, hp: int, wp: int):
-  """(B, H, W, K) -> (B, nW, w*w, K): zero-pad to (hp, wp), roll by -shift, partition."""
-  _, h, w, _ = t.shape
+@functools.lru_cache(maxsize=None)
+def window_order(hp: int, wp: int, window: int, shift: int) -> np.ndarray:
+  """(hp*wp,) flat grid index of each token in window order.
+
+  Window order lists the w x w windows of the (hp, wp) grid rolled by (-shift, -shift)
+  row-major, and the tokens inside each window row-major, so (B, hp*wp, C) tokens in
+  this order reshape for free to Swin's (B, nW, w*w, C) windows.
+  """
+  grid = np.arange(hp * wp, dtype=np.int32).reshape(hp, wp)
+  rolled = np.roll(grid, (-shift, -shift), axis=(0, 1))
+  return window_partition(rolled[None, :, :, None], window).reshape(-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_index(hp: int, wp: int, window: int, src: int | None, dst: int | None) -> np.ndarray:
+  """out[:, p] = in[:, idx[p]] re-orders (B, hp*wp, C) tokens from order `src` to `dst`
+  (None: the grid's row-major order; an int: window order with that shift)."""
+  grid_of_dst = np.arange(hp * wp, dtype=np.int32) if dst is None else window_order(hp, wp, window, dst)
+  if src is None:
+    return grid_of_dst
+  src_of_grid = np.argsort(window_order(hp, wp, window, src)).astype(np.int32)
+  return src_of_grid[grid_of_dst]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def reorder_tokens(x, hp: int, wp: int, window: int, src: int | None, dst: int | None):
+  """(B, hp*wp, C) tokens from order `src` to order `dst` (see `_gather_index`).
+
+  One gather per direction: the backward pass is the inverse re-order, where autodiff
+  of a gather would scatter-add.
+  """
+  return jnp.take(x, _gather_index(hp, wp, window, src, dst), axis=1, mode="clip")
+
+
+def _reorder_fwd(x, hp, wp, window, src, dst):
+  return reorder_tokens(x, hp, wp, window, src, dst), None
+
+
+def _reorder_bwd(hp, wp, window, src, dst, _, g):
+  return (reorder_tokens(g, hp, wp, window, dst, src),)
+
+
+reorder_tokens.defvjp(_reorder_fwd, _reorder_bwd)
+
+
+def to_window_order(x, window: int, shift: int):
+  """(B, H, W, C) -> (B, Hp*Wp, C): zero-pad bottom/right to multiples of the window,
+  then window order (shift `shift`)."""
+  b, h, w, c = x.shape
+  hp, wp = padded_size(h, window), padded_size(w, window)
   if (hp, wp) != (h, w):
-    t = jnp.pad(t, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-  if shift:
-    t = jnp.roll(t, (-shift, -shift), axis=(1, 2))
-  return window_partition(t, window)
+    x = jnp.pad(x, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+  return reorder_tokens(x.reshape(b, hp * wp, c), hp, wp, window, None, shift)
 
 
-def _from_windows(t, window: int, shift: int, h: int, w: int):
-  """Inverse of `_to_windows` (padding cropped): (B, nW, w*w, K) -> (B, H, W, K)."""
-  hp, wp = -(-h // window) * window, -(-w // window) * window
-  t = window_reverse(t, window, hp, wp)
-  if shift:
-    t = jnp.roll(t, (shift, shift), axis=(1, 2))
-  return t[:, :h, :w]
+def from_window_order(x, h: int, w: int, window: int, shift: int):
+  """Inverse of `to_window_order`, padding cropped: (B, Hp*Wp, C) -> (B, H, W, C)."""
+  b, _, c = x.shape
+  hp, wp = padded_size(h, window), padded_size(w, window)
+  x = reorder_tokens(x, hp, wp, window, shift, None).reshape(b, hp, wp, c)
+  return x[:, :h, :w] if (hp, wp) != (h, w) else x
 
 
 def _split_heads(t, k: int, heads: int):
@@ -91,72 +135,48 @@ def _merge_heads(t):
   return t.transpose(1, 2, 4, 0, 3, 5).reshape(b, nw, n, k * heads * d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def window_attention(qkv, qkv_bias, pos_bias, heads: int, window: int, shift: int):
-  """Multi-head self-attention in (shifted) w x w windows of a token map.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def window_attention(qkv, pos_bias, heads: int, mask: tuple[int, int, int, int] | None):
+  """Multi-head self-attention inside each window.
 
-  qkv: (B, H, W, 3C) projections of the normed tokens, bias included; the
-  zero-padded tokens (up to multiples of the window, bottom/right) project to
-  `qkv_bias` (3C,) alone. pos_bias: (heads, N, N) relative position bias, N = w*w.
-  shift > 0: windows of the map rolled by (-shift, -shift) with Swin's mask.
-  Returns (B, H, W, C), the per-token attention output before the output projection.
-
-  One custom op so that the backward pass moves data once per direction: the
-  autodiff transposes of pad / roll / partition are chains of pads and adds.
+  qkv: (B, nW, N, 3C) projections of the windowed tokens, N = w*w; pos_bias:
+  (heads, N, N) relative position bias; mask: None, or (hp, wp, window, shift)
+  naming Swin's shift mask of the rolled (hp, wp) grid. Returns (B, nW, N, C),
+  the attention output before the output projection.
   """
-  return _window_attention_fwd(qkv, qkv_bias, pos_bias, heads, window, shift)[0]
+  return _window_attention_fwd(qkv, pos_bias, heads, mask)[0]
 
 
-def _window_attention_fwd(qkv, qkv_bias, pos_bias, heads, window, shift):
-  _, h, w, c3 = qkv.shape
-  hp, wp = -(-h // window) * window, -(-w // window) * window
-  if (hp, wp) != (h, w):  # padded tokens are zero after norm1: their projections are the bias
-    pad = np.ones((hp, wp, 1), np.float32)
-    pad[:h, :w] = 0.0
-    qkv = (jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-           + jnp.asarray(pad, qkv.dtype) * qkv_bias.astype(qkv.dtype))
-  q, k, v = _split_heads(_to_windows(qkv, window, shift, hp, wp), 3, heads)
-  q = q * ((c3 // 3 // heads) ** -0.5)
+def _window_attention_fwd(qkv, pos_bias, heads, mask):
+  q, k, v = _split_heads(qkv, 3, heads)
+  q = q * ((qkv.shape[-1] // 3 // heads) ** -0.5)
   logits = (q @ k.swapaxes(-1, -2)).astype(jnp.float32) + pos_bias  # (B, nW, heads, N, N)
-  if shift:
-    logits = logits + shift_mask(hp, wp, window, shift)[:, None]
+  if mask is not None:
+    logits = logits + shift_mask(*mask)[:, None]
   attn = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
-  out = _from_windows(_merge_heads((attn @ v)[None]), window, shift, h, w)
-  return out, (q, k, v, attn)
+  return _merge_heads((attn @ v)[None]), (q, k, v, attn)
 
 
-def _window_attention_bwd(heads, window, shift, res, g):
-  q, k, v, attn = res  # windowed (B, nW, heads, N, d); q scaled; attn (B, nW, heads, N, N)
-  b, h, w, c = g.shape
-  hp, wp = -(-h // window) * window, -(-w // window) * window
-  (g,) = _split_heads(_to_windows(g.astype(q.dtype), window, shift, hp, wp), 1, heads)
+def _window_attention_bwd(heads, mask, res, g):
+  q, k, v, attn = res  # (B, nW, heads, N, d); q scaled; attn (B, nW, heads, N, N)
+  (g,) = _split_heads(g.astype(q.dtype), 1, heads)
   dv = attn.swapaxes(-1, -2) @ g
   da = (g @ v.swapaxes(-1, -2)).astype(jnp.float32)
   attn32 = attn.astype(jnp.float32)
   dlogits = attn32 * (da - jnp.sum(da * attn32, axis=-1, keepdims=True))  # softmax VJP
   dpos = jnp.sum(dlogits, axis=(0, 1))
   dlogits = dlogits.astype(q.dtype)
-  dq = (dlogits @ k) * ((c // heads) ** -0.5)
+  dq = (dlogits @ k) * (q.shape[-1] ** -0.5)
   dk = dlogits.swapaxes(-1, -2) @ q
-  dqkv = _merge_heads(jnp.stack([dq, dk, dv]))  # (B, nW, N, 3C)
-  if (hp, wp) == (h, w):
-    return _from_windows(dqkv, window, shift, h, w), jnp.zeros((3 * c,), q.dtype), dpos
-  full = window_reverse(dqkv, window, hp, wp)
-  if shift:
-    full = jnp.roll(full, (shift, shift), axis=(1, 2))
-  dbias = jnp.sum(full[:, h:], (0, 1, 2), jnp.float32) + jnp.sum(full[:, :h, w:], (0, 1, 2), jnp.float32)
-  return full[:, :h, :w], dbias.astype(q.dtype), dpos  # cotangents in the inputs' dtypes
+  return _merge_heads(jnp.stack([dq, dk, dv])), dpos  # cotangents in the inputs' dtypes
 
 
 window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
 
 
 class WindowAttention(nn.Module):
-  """Parameters of Swin's window attention: `qkv`, `proj` and the relative position bias table.
-
-  The block applies them around `window_attention`: `qkv` and `proj` act on the
-  real tokens only (padding is handled inside the attention op).
-  """
+  """Swin's window attention: `qkv`, per-window attention with the relative position
+  bias table, `proj`; on tokens already in window order."""
   dim: int
   num_heads: int
   window: int = 4
@@ -170,13 +190,32 @@ class WindowAttention(nn.Module):
     self.qkv = Linear(3 * c, c, dtype=self.dtype)
     self.proj = Linear(c, c, dtype=self.dtype)
 
-  def __call__(self, x, shift: int = 0):
-    """x: (B, H, W, C) normed tokens -> (B, H, W, C) attention output after `proj`."""
+  def __call__(self, x, hw: tuple[int, int], shift: int = 0):
+    """x: (B, L, C) normed tokens of an (H, W) = `hw` map -> (B, L, C) after `proj`.
+
+    Maps that fill whole windows come in window order `shift` (L = H*W); maps that
+    need padding come in row-major grid order and are padded and re-ordered here,
+    after `qkv`: a zero token's projection is the bias alone.
+    """
+    b, l, c = x.shape
+    h, w = hw
+    hp, wp = padded_size(h, self.window), padded_size(w, self.window)
     n = self.window * self.window
     bias = self.relative_position_bias_table[relative_position_index(self.window).reshape(-1)]
     bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
-    y = window_attention(self.qkv(x), self.qkv.bias.astype(self.dtype), bias, self.num_heads,
-                         self.window, shift)
+    qkv = self.qkv(x)
+    padded = (hp, wp) != (h, w)
+    if padded:
+      real = np.zeros((hp, wp, 1), np.float32)
+      real[:h, :w] = 1.0
+      qkv = jnp.pad(qkv.reshape(b, h, w, 3 * c), ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
+      qkv = qkv + jnp.asarray(1.0 - real, qkv.dtype) * self.qkv.bias.astype(qkv.dtype)
+      qkv = reorder_tokens(qkv.reshape(b, hp * wp, 3 * c), hp, wp, self.window, None, shift)
+    mask = (hp, wp, self.window, shift) if shift else None
+    y = window_attention(qkv.reshape(b, hp * wp // n, n, 3 * c), bias, self.num_heads, mask)
+    y = y.reshape(b, hp * wp, c)
+    if padded:
+      y = from_window_order(y, h, w, self.window, shift).reshape(b, h * w, c)
     return self.proj(y)
 
 
@@ -206,11 +245,12 @@ class SwinBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):
-    """x: (B, H, W, C) -> (B, H, W, C)."""
+  def __call__(self, x, hw: tuple[int, int]):
+    """x: (B, H*W, C) tokens of an (H, W) = `hw` map -> same; in window order `shift`
+    when the map fills whole windows, else in grid order (see `WindowAttention`)."""
     c = x.shape[-1]
     attn = WindowAttention(c, self.num_heads, self.window, self.dtype, name="attn")
-    x = x + attn(LayerNorm(name="norm1")(x), self.shift).astype(x.dtype)
+    x = x + attn(LayerNorm(name="norm1")(x).astype(self.dtype), hw, self.shift).astype(x.dtype)
     y = FeedForward(c, int(c * self.mlp_ratio), self.dtype, name="mlp")(
         LayerNorm(name="norm2")(x).astype(self.dtype))
     return x + y.astype(x.dtype)
@@ -219,6 +259,11 @@ class SwinBlock(nn.Module):
 class TransformerLayer(nn.Module):
   """`depth` Swin blocks (shift 0, w/2, 0, ...) then optional patch merge/split.
 
+  When the map fills whole windows the blocks run on tokens in window order: one
+  re-order into it, one between consecutive blocks, one back, each a single gather,
+  instead of a pad / roll / partition and its inverse per block. Maps that need
+  padding (H < w at the bottleneck) keep grid order, so the token-wise layers do not
+  run on padding; their attention re-orders after `qkv`.
   scale: None, "down" (PatchMerge, H -> ceil(H/2)) or "up" (PatchSplit, H -> 2H).
   """
   in_dim: int
@@ -233,9 +278,17 @@ class TransformerLayer(nn.Module):
   @nn.compact
   def __call__(self, x):
     """x: (B, H, W, in_dim) -> (B, H', W, out_dim)."""
+    b, h, w, c = x.shape
+    windowed = (padded_size(h, self.window), padded_size(w, self.window)) == (h, w)
+    order = 0
+    x = to_window_order(x, self.window, order) if windowed else x.reshape(b, h * w, c)
     for i in range(self.depth):
-      x = SwinBlock(self.in_dim, self.num_heads, self.window, 0 if i % 2 == 0 else self.window // 2,
-                    self.mlp_ratio, self.dtype, name=f"swint_blocks_{i}")(x)
+      shift = 0 if i % 2 == 0 else self.window // 2
+      if windowed and shift != order:
+        x, order = reorder_tokens(x, h, w, self.window, order, shift), shift
+      x = SwinBlock(self.in_dim, self.num_heads, self.window, shift, self.mlp_ratio, self.dtype,
+                    name=f"swint_blocks_{i}")(x, (h, w))
+    x = from_window_order(x, h, w, self.window, order) if windowed else x.reshape(b, h, w, c)
     if self.scale == "down":
       x = PatchMerge(self.in_dim, self.out_dim, self.dtype, name="subsample")(x)
     elif self.scale == "up":
