@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esc_jax.layers.common import LayerNorm, Linear, gelu
+from esc_jax.layers.common import LayerNorm, Linear, dense, gelu
 from esc_jax.layers.scale import PatchMerge, PatchSplit
 
 
@@ -194,8 +194,8 @@ class WindowAttention(nn.Module):
     """x: (B, L, C) normed tokens of an (H, W) = `hw` map -> (B, L, C) after `proj`.
 
     Maps that fill whole windows come in window order `shift` (L = H*W); maps that
-    need padding come in row-major grid order and are padded and re-ordered here,
-    after `qkv`: a zero token's projection is the bias alone.
+    need padding come in row-major grid order; their projections (bias not yet
+    added) are zero-padded and re-ordered here, since a zero token projects to the bias.
     """
     b, l, c = x.shape
     h, w = hw
@@ -203,18 +203,16 @@ class WindowAttention(nn.Module):
     n = self.window * self.window
     bias = self.relative_position_bias_table[relative_position_index(self.window).reshape(-1)]
     bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
-    qkv = self.qkv(x)
-    padded = (hp, wp) != (h, w)
-    if padded:
-      real = np.zeros((hp, wp, 1), np.float32)
-      real[:h, :w] = 1.0
-      qkv = jnp.pad(qkv.reshape(b, h, w, 3 * c), ((0, 0), (0, hp - h), (0, wp - w), (0, 0)))
-      qkv = qkv + jnp.asarray(1.0 - real, qkv.dtype) * self.qkv.bias.astype(qkv.dtype)
-      qkv = reorder_tokens(qkv.reshape(b, hp * wp, 3 * c), hp, wp, self.window, None, shift)
+    if (hp, wp) == (h, w):
+      qkv = self.qkv(x)
+    else:
+      qkv = dense(x, self.qkv.kernel.astype(self.dtype)).reshape(b, h, w, 3 * c)
+      qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0))).reshape(b, hp * wp, 3 * c)
+      qkv = self.qkv.add_bias(reorder_tokens(qkv, hp, wp, self.window, None, shift))
     mask = (hp, wp, self.window, shift) if shift else None
     y = window_attention(qkv.reshape(b, hp * wp // n, n, 3 * c), bias, self.num_heads, mask)
     y = y.reshape(b, hp * wp, c)
-    if padded:
+    if (hp, wp) != (h, w):
       y = from_window_order(y, h, w, self.window, shift).reshape(b, h * w, c)
     return self.proj(y)
 
