@@ -160,14 +160,14 @@ def _window_attention_fwd(qkv, pos_bias, heads, mask):
 def _window_attention_bwd(heads, mask, res, g):
   q, k, v, attn = res  # (B, nW, heads, N, d); q scaled; attn (B, nW, heads, N, N)
   (g,) = _split_heads(g.astype(q.dtype), 1, heads)
-  dv = attn.swapaxes(-1, -2) @ g
+  dv = jax.lax.optimization_barrier(attn.swapaxes(-1, -2)) @ g
   da = (g @ v.swapaxes(-1, -2)).astype(jnp.float32)
   attn32 = attn.astype(jnp.float32)
   dlogits = attn32 * (da - jnp.sum(da * attn32, axis=-1, keepdims=True))  # softmax VJP
   dpos = jnp.sum(dlogits, axis=(0, 1))
   dlogits = dlogits.astype(q.dtype)
   dq = (dlogits @ k) * (q.shape[-1] ** -0.5)
-  dk = dlogits.swapaxes(-1, -2) @ q
+  dk = jax.lax.optimization_barrier(dlogits.swapaxes(-1, -2)) @ q
   return _merge_heads(jnp.stack([dq, dk, dv])), dpos  # cotangents in the inputs' dtypes
 
 
