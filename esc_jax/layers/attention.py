@@ -124,15 +124,18 @@ def from_window_order(x, h: int, w: int, window: int, shift: int):
 
 
 def _split_heads(t, k: int, heads: int):
-  """(B, nW, N, k*heads*d) -> (k, B, nW, heads, N, d)."""
+  """(B, nW, N, k*heads*d) -> k arrays (B, nW, heads, N, d), one transposing copy each."""
   b, nw, n, c = t.shape
-  return t.reshape(b, nw, n, k, heads, c // (k * heads)).transpose(3, 0, 1, 4, 2, 5)
+  d = c // (k * heads)
+  return [t[..., i * heads * d:(i + 1) * heads * d].reshape(b, nw, n, heads, d).transpose(0, 1, 3, 2, 4)
+          for i in range(k)]
 
 
-def _merge_heads(t):
-  """(K, B, nW, heads, N, d) -> (B, nW, N, K*heads*d)."""
-  k, b, nw, heads, n, d = t.shape
-  return t.transpose(1, 2, 4, 0, 3, 5).reshape(b, nw, n, k * heads * d)
+def _merge_heads(*ts):
+  """k arrays (B, nW, heads, N, d) -> (B, nW, N, k*heads*d)."""
+  b, nw, heads, n, d = ts[0].shape
+  parts = [t.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, heads * d) for t in ts]
+  return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -154,7 +157,7 @@ def _window_attention_fwd(qkv, pos_bias, heads, mask):
   if mask is not None:
     logits = logits + shift_mask(*mask)[:, None]
   attn = jax.nn.softmax(logits, axis=-1).astype(qkv.dtype)
-  return _merge_heads((attn @ v)[None]), (q, k, v, attn)
+  return _merge_heads(attn @ v), (q, k, v, attn)
 
 
 def _window_attention_bwd(heads, mask, res, g):
@@ -168,7 +171,7 @@ def _window_attention_bwd(heads, mask, res, g):
   dlogits = dlogits.astype(q.dtype)
   dq = (dlogits @ k) * (q.shape[-1] ** -0.5)
   dk = jax.lax.optimization_barrier(dlogits.swapaxes(-1, -2)) @ q
-  return _merge_heads(jnp.stack([dq, dk, dv])), dpos  # cotangents in the inputs' dtypes
+  return _merge_heads(dq, dk, dv), dpos  # cotangents in the inputs' dtypes
 
 
 window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
