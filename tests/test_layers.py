@@ -103,3 +103,29 @@ def test_dense_vjp_equals_autodiff(n_in, n_out):
   dx16, dw16 = vjp16(g.astype(jnp.bfloat16))
   assert dx16.dtype == dw16.dtype == jnp.bfloat16
   assert np.abs(np.asarray(dw16, np.float32) - np.asarray(dw_ref)).max() <= 0.05 * np.abs(dw_ref).max()
+
+
+@pytest.mark.parametrize("hw", [(8, 30), (31, 30)])  # W padded; H and W padded
+def test_window_order_with_padding_equals_grid_order(hw, monkeypatch):
+  """A map with padding run in window order (padding carried, norm1 masked) gives the
+  outputs and gradients of the grid-order path (zero padding after norm1, per block)."""
+  import jax.numpy as jnp
+  from esc_jax.layers import attention
+  assert attention.keeps_window_order(*hw, 4)
+  layer = attention.TransformerLayer(12, 12, 3, depth=4)
+  x = jax.random.normal(jax.random.PRNGKey(hw[1]), (2, *hw, 12))
+  params = layer.init(jax.random.PRNGKey(0), x)
+  params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
+
+  def run():
+    f = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+      return jax.value_and_grad(f, argnums=(0, 1))(params, x)
+
+  (v, (gp, gx)) = run()
+  monkeypatch.setattr(attention, "keeps_window_order", lambda h, w, window: False)
+  (v_ref, (gp_ref, gx_ref)) = run()
+  np.testing.assert_allclose(float(v), float(v_ref), rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=0, atol=1e-5 * np.abs(gx_ref).max())
+  for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(gp_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max() + 1e-7)

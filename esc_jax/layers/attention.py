@@ -123,6 +123,24 @@ def from_window_order(x, h: int, w: int, window: int, shift: int):
   return x[:, :h, :w] if (hp, wp) != (h, w) else x
 
 
+def keeps_window_order(h: int, w: int, window: int) -> bool:
+  """Whether a layer runs its blocks on tokens in window order: unless padding to whole
+  windows adds more than 1/8 of the tokens (H < w at the bottleneck), where the
+  token-wise layers would spend much of their work on padding."""
+  return 8 * padded_size(h, window) * padded_size(w, window) <= 9 * h * w
+
+
+@functools.lru_cache(maxsize=None)
+def padding_mask(h: int, w: int, window: int, shift: int) -> np.ndarray | None:
+  """(Hp*Wp, 1) 1/0 mask of the real tokens in window order `shift`; None without padding."""
+  hp, wp = padded_size(h, window), padded_size(w, window)
+  if (hp, wp) == (h, w):
+    return None
+  real = np.zeros((hp, wp), np.float32)
+  real[:h, :w] = 1.0
+  return real.reshape(-1)[window_order(hp, wp, window, shift)][:, None]
+
+
 def _split_heads(t, k: int, heads: int):
   """(B, nW, N, k*heads*d) -> k arrays (B, nW, heads, N, d), one transposing copy each."""
   b, nw, n, c = t.shape
@@ -196,17 +214,19 @@ class WindowAttention(nn.Module):
   def __call__(self, x, hw: tuple[int, int], shift: int = 0):
     """x: (B, L, C) normed tokens of an (H, W) = `hw` map -> (B, L, C) after `proj`.
 
-    Maps that fill whole windows come in window order `shift` (L = H*W); maps that
-    need padding come in row-major grid order; their projections (bias not yet
-    added) are zero-padded and re-ordered here, since a zero token projects to the bias.
+    If `keeps_window_order(H, W)`, x is in window order `shift` with the padding
+    tokens zero (L = Hp*Wp). Otherwise x is in row-major grid order (L = H*W); the
+    projections (bias not yet added) are zero-padded and re-ordered here, since a
+    zero token projects to the bias alone.
     """
-    b, l, c = x.shape
+    b, _, c = x.shape
     h, w = hw
     hp, wp = padded_size(h, self.window), padded_size(w, self.window)
     n = self.window * self.window
     bias = self.relative_position_bias_table[relative_position_index(self.window).reshape(-1)]
     bias = bias.reshape(n, n, self.num_heads).transpose(2, 0, 1)
-    if (hp, wp) == (h, w):
+    windowed = keeps_window_order(h, w, self.window)
+    if windowed:
       qkv = self.qkv(x)
     else:
       qkv = dense(x, self.qkv.kernel.astype(self.dtype)).reshape(b, h, w, 3 * c)
@@ -215,7 +235,7 @@ class WindowAttention(nn.Module):
     mask = (hp, wp, self.window, shift) if shift else None
     y = window_attention(qkv.reshape(b, hp * wp // n, n, 3 * c), bias, self.num_heads, mask)
     y = y.reshape(b, hp * wp, c)
-    if (hp, wp) != (h, w):
+    if not windowed:
       y = from_window_order(y, h, w, self.window, shift).reshape(b, h * w, c)
     return self.proj(y)
 
@@ -247,11 +267,20 @@ class SwinBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, hw: tuple[int, int]):
-    """x: (B, H*W, C) tokens of an (H, W) = `hw` map -> same; in window order `shift`
-    when the map fills whole windows, else in grid order (see `WindowAttention`)."""
+    """x: (B, L, C) tokens of an (H, W) = `hw` map -> same: in window order `shift`
+    (L = Hp*Wp) if `keeps_window_order(H, W)`, else in grid order (L = H*W).
+
+    In window order the padding tokens are carried along; `norm1`'s output is zeroed
+    on them, which is the original's zero padding after the norm. What the block
+    computes on them otherwise is never read.
+    """
     c = x.shape[-1]
+    xn = LayerNorm(name="norm1")(x).astype(self.dtype)
+    real = padding_mask(*hw, self.window, self.shift) if keeps_window_order(*hw, self.window) else None
+    if real is not None:
+      xn = xn * jnp.asarray(real, xn.dtype)
     attn = WindowAttention(c, self.num_heads, self.window, self.dtype, name="attn")
-    x = x + attn(LayerNorm(name="norm1")(x).astype(self.dtype), hw, self.shift).astype(x.dtype)
+    x = x + attn(xn, hw, self.shift).astype(x.dtype)
     y = FeedForward(c, int(c * self.mlp_ratio), self.dtype, name="mlp")(
         LayerNorm(name="norm2")(x).astype(self.dtype))
     return x + y.astype(x.dtype)
@@ -260,11 +289,11 @@ class SwinBlock(nn.Module):
 class TransformerLayer(nn.Module):
   """`depth` Swin blocks (shift 0, w/2, 0, ...) then optional patch merge/split.
 
-  When the map fills whole windows the blocks run on tokens in window order: one
-  re-order into it, one between consecutive blocks, one back, each a single gather,
-  instead of a pad / roll / partition and its inverse per block. Maps that need
-  padding (H < w at the bottleneck) keep grid order, so the token-wise layers do not
-  run on padding; their attention re-orders after `qkv`.
+  The blocks run on tokens in window order (padding included): one re-order into
+  it, one between consecutive blocks, one back, each a single gather, instead of a
+  pad / roll / partition and its inverse per block. Maps where padding would add
+  more than 1/8 of the tokens (H < w at the bottleneck) keep grid order, so the
+  token-wise layers do not run on it; their attention re-orders after `qkv`.
   scale: None, "down" (PatchMerge, H -> ceil(H/2)) or "up" (PatchSplit, H -> 2H).
   """
   in_dim: int
@@ -280,13 +309,14 @@ class TransformerLayer(nn.Module):
   def __call__(self, x):
     """x: (B, H, W, in_dim) -> (B, H', W, out_dim)."""
     b, h, w, c = x.shape
-    windowed = (padded_size(h, self.window), padded_size(w, self.window)) == (h, w)
+    windowed = keeps_window_order(h, w, self.window)
+    hp, wp = padded_size(h, self.window), padded_size(w, self.window)
     order = 0
     x = to_window_order(x, self.window, order) if windowed else x.reshape(b, h * w, c)
     for i in range(self.depth):
       shift = 0 if i % 2 == 0 else self.window // 2
       if windowed and shift != order:
-        x, order = reorder_tokens(x, h, w, self.window, order, shift), shift
+        x, order = reorder_tokens(x, hp, wp, self.window, order, shift), shift
       x = SwinBlock(self.in_dim, self.num_heads, self.window, shift, self.mlp_ratio, self.dtype,
                     name=f"swint_blocks_{i}")(x, (h, w))
     x = from_window_order(x, h, w, self.window, order) if windowed else x.reshape(b, h, w, c)
