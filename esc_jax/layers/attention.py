@@ -181,6 +181,9 @@ def _window_attention_fwd(qkv, pos_bias, heads, mask):
 def _window_attention_bwd(heads, mask, res, g):
   q, k, v, attn = res  # (B, nW, heads, N, d); q scaled; attn (B, nW, heads, N, N)
   (g,) = _split_heads(g.astype(q.dtype), 1, heads)
+  # attn^T and dlogits^T are materialised (the barrier stops XLA folding the transpose
+  # back into the dot): XLA:CPU runs a batched dot whose lhs contracts over its rows
+  # as a slow per-window loop.
   dv = jax.lax.optimization_barrier(attn.swapaxes(-1, -2)) @ g
   da = (g @ v.swapaxes(-1, -2)).astype(jnp.float32)
   attn32 = attn.astype(jnp.float32)
@@ -197,7 +200,7 @@ window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)
 
 class WindowAttention(nn.Module):
   """Swin's window attention: `qkv`, per-window attention with the relative position
-  bias table, `proj`; on tokens already in window order."""
+  bias table, `proj` (token layouts: see `__call__`)."""
   dim: int
   num_heads: int
   window: int = 4
