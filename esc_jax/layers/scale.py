@@ -101,20 +101,22 @@ class PatchDeEmbed(nn.Module):
     """
     p0, p1 = self.patch_size
     c, out = self.embed_dim, self.in_chans
-    k1 = k1.reshape(5, 5, c, p0 * p1, c)  # (u, v, c_in, sub-pixel, c_mid)
+    # Every (sub-pixel, k3 tap) product in one dot: (p0*p1*25*c, c) @ (c, 9*out).
+    k1 = k1.reshape(5, 5, c, p0 * p1, c).transpose(3, 0, 1, 2, 4)  # (sub-pixel, u, v, c_in, c_mid)
+    w2 = k2.reshape(9, c, out).transpose(1, 0, 2).reshape(c, 9 * out)  # (c_mid, (tap, out))
+    blocks = jnp.dot(k1.reshape(-1, c), w2).reshape(p0 * p1, 5, 5, c, 9, out)
+    bias_blocks = jnp.dot(b1.reshape(p0 * p1, c), w2).reshape(p0 * p1, 9, out)
     kc = jnp.zeros((7, 7, c, p0, p1, out), jnp.float32)
     bc = jnp.zeros((p0, p1, out), jnp.float32) + b2
-    b1 = b1.reshape(p0 * p1, c)
     for i in range(p0):
       for j in range(p1):
         for dy in (-1, 0, 1):
           a, si = divmod(i + dy, p0)
           for dx in (-1, 0, 1):
             b, sj = divmod(j + dx, p1)
-            w2 = k2[dy + 1, dx + 1]  # (c_mid, out)
-            blk = jnp.einsum("uvcm,mo->uvco", k1[:, :, :, si * p1 + sj], w2)
-            kc = kc.at[a + 1:a + 6, b + 1:b + 6, :, i, j].add(blk)
-            bc = bc.at[i, j].add(b1[si * p1 + sj] @ w2)
+            sub, tap = si * p1 + sj, (dy + 1) * 3 + dx + 1
+            kc = kc.at[a + 1:a + 6, b + 1:b + 6, :, i, j].add(blocks[sub, :, :, :, tap])
+            bc = bc.at[i, j].add(bias_blocks[sub, tap])
     return kc.reshape(7, 7, c, p0 * p1 * out), bc.reshape(-1)
 
 
