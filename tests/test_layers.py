@@ -129,3 +129,24 @@ def test_window_order_with_padding_equals_grid_order(hw, monkeypatch):
   np.testing.assert_allclose(np.asarray(gx), np.asarray(gx_ref), rtol=0, atol=1e-5 * np.abs(gx_ref).max())
   for a, b in zip(jax.tree_util.tree_leaves(gp), jax.tree_util.tree_leaves(gp_ref)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max() + 1e-7)
+
+
+@pytest.mark.parametrize("hw", [(2, 7), (8, 30)])  # grid order (H=2 padded to 4); window order with padding
+def test_transformer_layer_bf16_close_to_float32(hw):
+  """bf16 compute through both token layouts: outputs and float32 parameter gradients
+  close to the float32 layer's."""
+  import jax.numpy as jnp
+  from esc_jax.layers.attention import TransformerLayer
+  x = jax.random.normal(jax.random.PRNGKey(3), (2, *hw, 12))
+  layers = {dt: TransformerLayer(12, 12, 3, dtype=dt) for dt in (jnp.float32, jnp.bfloat16)}
+  params = layers[jnp.float32].init(jax.random.PRNGKey(0), x)
+  out = {}
+  for dt, layer in layers.items():
+    y, vjp = jax.vjp(lambda p: layer.apply(p, x), params)
+    out[dt] = (y, vjp(jnp.ones_like(y))[0])
+  (y16, g16), (y32, g32) = out[jnp.bfloat16], out[jnp.float32]
+  assert y16.shape == y32.shape == x.shape
+  assert np.abs(np.asarray(y16, np.float32) - np.asarray(y32)).max() <= 0.05 * np.abs(np.asarray(y32)).max()
+  for a, b in zip(jax.tree_util.tree_leaves(g16), jax.tree_util.tree_leaves(g32)):
+    assert a.dtype == jnp.float32
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 0.05 * np.abs(np.asarray(b)).max() + 1e-3
