@@ -51,9 +51,9 @@ def preload_allocator() -> bool:
   `malloc` after a compile). tcmalloc keeps freed pages for reuse: the train
   step takes ~30% less time, 60 s of encode + decode ~30% less, and the peak
   RSS is no higher. PyTorch's CPU launcher, `torch.backends.xeon.run_cpu`,
-  offers the same preload. (About one process in four still faults ~0.47 M
-  pages per train step, 1.8 GB, and runs at the old speed; the cause is not
-  known yet.)
+  offers the same preload. (Some processes still fault: a one-off ~5.6 GB
+  after which RSS stays at twice the usual, or ~0.47 M pages on every train
+  step at the old speed; the cause is not known yet.)
 
   Call it first thing in a program's main: it re-executes the same command
   line, so nothing done before is kept. $ESC_JAX_MALLOC: "tcmalloc" (default),

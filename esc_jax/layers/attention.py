@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esc_jax.layers.common import LayerNorm, Linear, dense, gelu
+from esc_jax.layers.common import LayerNorm, Linear, gelu
 from esc_jax.layers.scale import PatchMerge, PatchSplit
 
 
@@ -232,9 +232,8 @@ class WindowAttention(nn.Module):
     if windowed:
       qkv = self.qkv(x)
     else:
-      qkv = dense(x, self.qkv.kernel.astype(self.dtype)).reshape(b, h, w, 3 * c)
-      qkv = jnp.pad(qkv, ((0, 0), (0, hp - h), (0, wp - w), (0, 0))).reshape(b, hp * wp, 3 * c)
-      qkv = self.qkv.add_bias(reorder_tokens(qkv, hp, wp, self.window, None, shift))
+      qkv = self.qkv.matmul(x).reshape(b, h, w, 3 * c)
+      qkv = self.qkv.add_bias(to_window_order(qkv, self.window, shift))
     mask = (hp, wp, self.window, shift) if shift else None
     y = window_attention(qkv.reshape(b, hp * wp // n, n, 3 * c), bias, self.num_heads, mask)
     y = y.reshape(b, hp * wp, c)

@@ -39,11 +39,14 @@ class Linear(nn.Module):
     if self.use_bias:
       self.bias = self.param("bias", torch_bias_init(self.in_features), (self.features,), jnp.float32)
 
+  def matmul(self, x):
+    return dense(x.astype(self.dtype), self.kernel.astype(self.dtype))
+
   def add_bias(self, y):
     return y + self.bias.astype(y.dtype) if self.use_bias else y
 
   def __call__(self, x):
-    return self.add_bias(dense(x.astype(self.dtype), self.kernel.astype(self.dtype)))
+    return self.add_bias(self.matmul(x))
 
 
 @jax.custom_vjp
