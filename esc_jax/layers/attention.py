@@ -89,9 +89,13 @@ def reorder_tokens(x, hp: int, wp: int, window: int, src: int | None, dst: int |
   """(B, hp*wp, C) tokens from order `src` to order `dst` (see `_gather_index`).
 
   One gather per direction: the backward pass is the inverse re-order, where autodiff
-  of a gather would scatter-add.
+  of a gather would scatter-add. It gathers rows of the flattened (B*hp*wp, C) array:
+  gathering along axis 1 makes XLA:CPU transpose the batch axis in and out around it.
   """
-  return jnp.take(x, _gather_index(hp, wp, window, src, dst), axis=1, mode="clip")
+  b, n, c = x.shape
+  idx = _gather_index(hp, wp, window, src, dst)
+  rows = (np.arange(b, dtype=np.int32)[:, None] * n + idx).reshape(-1)
+  return jnp.take(x.reshape(b * n, c), rows, axis=0, mode="clip").reshape(b, n, c)
 
 
 def _reorder_fwd(x, hp, wp, window, src, dst):
