@@ -61,6 +61,29 @@ def test_window_attention_bf16_stays_bf16(shift):
     assert np.abs(a - b).max() <= 0.05 * np.abs(b).max() + 1e-3
 
 
+@pytest.mark.parametrize("shift", [0, 2])
+def test_window_attention_paths_equal_reference(shift):
+  """The inference path (einsums) and the training forward (explicit head split) both
+  equal softmax(q k^T / sqrt(d) + bias + mask) v, per window and head."""
+  import jax.numpy as jnp
+  from esc_jax.layers.attention import window_attention
+  k1, k2 = jax.random.split(jax.random.PRNGKey(10 + shift))
+  heads, c = 3, 12
+  qkv = jax.random.normal(k1, (2, 4, 16, 3 * c))
+  pos = jax.random.normal(k2, (heads, 16, 16))
+  mask = (8, 8, 4, shift) if shift else None
+  q, k, v = (qkv[..., i * c:(i + 1) * c].reshape(2, 4, 16, heads, 4) for i in range(3))
+  with jax.default_matmul_precision("highest"):
+    logits = jnp.einsum("bwihd,bwjhd->bwhij", q, k) / 2.0 + pos
+    if shift:
+      logits = logits + shift_mask(8, 8, 4, shift)[:, None]
+    ref = jnp.einsum("bwhij,bwjhd->bwihd", jax.nn.softmax(logits, -1), v).reshape(2, 4, 16, c)
+    infer = jax.jit(window_attention, static_argnums=(2, 3))(qkv, pos, heads, mask)
+    train, _ = jax.vjp(lambda t: window_attention(t, pos, heads, mask), qkv)
+  for out in (infer, train):
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("hw,shift", [((8, 12), 0), ((8, 12), 2), ((2, 7), 2)])
 def test_window_order_is_pad_roll_partition(hw, shift):
   """to/from_window_order equal Swin's pad -> roll -> partition and its inverse, and the
@@ -87,8 +110,9 @@ def test_window_order_is_pad_roll_partition(hw, shift):
 
 @pytest.mark.parametrize("n_in,n_out", [(6, 24), (24, 6)])  # both kernel-gradient forms
 def test_dense_vjp_equals_autodiff(n_in, n_out):
+  """dense and dense_bias: values and every cotangent equal autodiff of x @ w (+ b)."""
   import jax.numpy as jnp
-  from esc_jax.layers.common import dense
+  from esc_jax.layers.common import dense, dense_bias
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(n_in), 3)
   x, w = jax.random.normal(k1, (2, 5, 7, n_in)), jax.random.normal(k2, (n_in, n_out))
   g = jax.random.normal(k3, (2, 5, 7, n_out))
@@ -103,6 +127,13 @@ def test_dense_vjp_equals_autodiff(n_in, n_out):
   dx16, dw16 = vjp16(g.astype(jnp.bfloat16))
   assert dx16.dtype == dw16.dtype == jnp.bfloat16
   assert np.abs(np.asarray(dw16, np.float32) - np.asarray(dw_ref)).max() <= 0.05 * np.abs(dw_ref).max()
+  b = jax.random.normal(k3, (n_out,))
+  with jax.default_matmul_precision("highest"):
+    yb, vjpb = jax.vjp(dense_bias, x, w, b)
+    yb_ref, vjpb_ref = jax.vjp(lambda x, w, b: jnp.dot(x, w) + b, x, w, b)
+    grads, grads_ref = vjpb(g), vjpb_ref(g)
+  for a, r in ((yb, yb_ref), *zip(grads, grads_ref)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=1e-5 * np.abs(r).max())
 
 
 @pytest.mark.parametrize("hw", [(8, 30), (31, 30)])  # W padded; H and W padded

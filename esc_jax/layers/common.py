@@ -40,13 +40,16 @@ class Linear(nn.Module):
       self.bias = self.param("bias", torch_bias_init(self.in_features), (self.features,), jnp.float32)
 
   def matmul(self, x):
+    """x @ kernel, without the bias."""
     return dense(x.astype(self.dtype), self.kernel.astype(self.dtype))
 
   def add_bias(self, y):
     return y + self.bias.astype(y.dtype) if self.use_bias else y
 
   def __call__(self, x):
-    return self.add_bias(self.matmul(x))
+    if not self.use_bias:
+      return self.matmul(x)
+    return dense_bias(x.astype(self.dtype), self.kernel.astype(self.dtype), self.bias.astype(self.dtype))
 
 
 @jax.custom_vjp
@@ -61,8 +64,19 @@ def dense(x, kernel):
   return jnp.dot(x, kernel)
 
 
+@jax.custom_vjp
+def dense_bias(x, kernel, bias):
+  """`dense(x, kernel) + bias`, bias (out,). Its backward reduces the bias gradient from
+  the same (tokens, out) view of g as the kernel gradient, so XLA lays g out once."""
+  return jnp.dot(x, kernel) + bias
+
+
 def _dense_fwd(x, kernel):
   return jnp.dot(x, kernel), (x, kernel)
+
+
+def _dense_bias_fwd(x, kernel, bias):
+  return jnp.dot(x, kernel) + bias, (x, kernel)
 
 
 def _dense_bwd(res, g):
@@ -78,7 +92,13 @@ def _dense_bwd(res, g):
   return dx.astype(x.dtype), dk.astype(kernel.dtype)
 
 
+def _dense_bias_bwd(res, g):
+  dx, dk = _dense_bwd(res, g)
+  return dx, dk, jnp.sum(g.reshape(-1, g.shape[-1]), 0, dtype=jnp.float32).astype(dk.dtype)
+
+
 dense.defvjp(_dense_fwd, _dense_bwd)
+dense_bias.defvjp(_dense_bias_fwd, _dense_bias_bwd)
 
 
 def Conv2d(features: int, in_features: int, kernel: tuple[int, int], stride=(1, 1),
