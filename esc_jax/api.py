@@ -22,7 +22,7 @@ import numpy as np
 
 from esc_jax import audio, bitstream
 from esc_jax import checkpoint as ckpt
-from esc_jax.codec import make_model
+from esc_jax.codec import check_num_streams, make_model
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,10 +131,7 @@ class Codec:
 
   def check_streams(self, num_streams) -> int:
     """num_streams as an int; ValueError unless it is an integer in 1..max_streams."""
-    if isinstance(num_streams, bool) or not isinstance(num_streams, (int, np.integer)) \
-        or not 1 <= num_streams <= self.max_streams:
-      raise ValueError(f"num_streams must be an integer in 1..{self.max_streams}, got {num_streams!r}")
-    return int(num_streams)
+    return check_num_streams(num_streams, self.max_streams)
 
   def encode(self, audio, num_streams: int = 6) -> np.ndarray:
     """(L,) or (B, L) audio at 16 kHz -> int32 codes (B, num_streams, group_size, T')."""

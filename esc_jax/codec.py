@@ -26,6 +26,7 @@ import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -36,6 +37,20 @@ from esc_jax.layers.scale import PatchDeEmbed, PatchEmbed
 from esc_jax.quantize import ProductResidualVQ, ProductVQ
 
 BACKBONES = ("transformer", "convolution")
+
+
+def check_num_streams(s, max_streams: int, traced_ok: bool = False):
+  """A stream count as an int in 1..max_streams; ValueError otherwise (bool included).
+
+  With `traced_ok`, a JAX array (the traced count of a program that serves every
+  bitrate) is returned as is, unchecked.
+  """
+  if traced_ok and isinstance(s, jax.Array):
+    return s
+  if isinstance(s, (int, np.integer)) and not isinstance(s, bool) and 1 <= s <= max_streams:
+    return int(s)
+  shown = int(s) if isinstance(s, np.integer) else s
+  raise ValueError(f"num_streams must be an integer in 1..{max_streams}, got {shown!r}")
 
 
 def _tokens(x):
@@ -225,12 +240,8 @@ class CodecBase(nn.Module):
                        f"{len(self.h_dims) - 1}")
 
   def _check_streams(self, s):
-    """A concrete stream count (Python or numpy integer) as an int in 1..max_streams; traced s as is."""
-    if isinstance(s, (int, np.integer)):
-      s = int(s)
-      if not 1 <= s <= self.max_streams:
-        raise ValueError(f"num_streams must be in 1..{self.max_streams}, got {s}")
-    return s
+    """A concrete stream count as an int in 1..max_streams; a traced one as is."""
+    return check_num_streams(s, self.max_streams, traced_ok=True)
 
   def _check_codes(self, codes) -> int:
     """The stream count of codes (B, s, group_size, T'); ValueError outside 1..max_streams."""

@@ -61,6 +61,7 @@ import numpy as np
 from esc_jax import metrics as M
 from esc_jax.audio import SAMPLE_RATE
 from esc_jax.audio_io import load_audio
+from esc_jax.codec import check_num_streams
 from esc_jax.files import atomic_path, is_path, json_safe, write_json_atomic
 from esc_jax.losses import MEL_WINDOWS
 
@@ -275,11 +276,10 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
 def _streams(codec, num_streams) -> list[int]:
   if num_streams is None:
     return list(range(1, codec.max_streams + 1))
-  streams = [num_streams] if isinstance(num_streams, (int, np.integer)) else list(num_streams)
-  bad = [s for s in streams if not isinstance(s, (int, np.integer)) or not 1 <= s <= codec.max_streams]
-  if bad or not streams:
-    raise ValueError(f"num_streams must be in 1..{codec.max_streams}, got {num_streams!r}")
-  return [int(s) for s in streams]
+  streams = [num_streams] if np.ndim(num_streams) == 0 else list(num_streams)
+  if not streams:
+    raise ValueError(f"num_streams must name at least one count in 1..{codec.max_streams}, got {num_streams!r}")
+  return [check_num_streams(s, codec.max_streams) for s in streams]
 
 
 def _run_batch(codec, clips: list[np.ndarray], batch: Batch, s: int, metrics) -> dict:

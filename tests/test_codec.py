@@ -211,7 +211,7 @@ def test_numpy_stream_counts_are_concrete(codec, golden):
   model, params, x = codec.model, codec.params, golden["audio"]
   codes = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, np.int64(3), method=ESC.encode), params, x)
   assert codes.shape[1] == 3
-  with pytest.raises(ValueError, match="num_streams must be in 1..6, got 7"):
+  with pytest.raises(ValueError, match="num_streams must be an integer in 1..6, got 7"):
     jax.eval_shape(lambda p, x: model.apply({"params": p}, x, np.int32(7), method=ESC.encode), params, x)
   with pytest.raises(ValueError, match="length must be an integer"):
     codec.decode(np.zeros((1, 3, 2), np.int32), length=-80)

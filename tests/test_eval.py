@@ -125,6 +125,15 @@ def test_skips_unreadable_and_short_clips(codec, tmp_path):
     evaluation.evaluate(codec, [np.zeros(16000, np.float32)], num_streams=7, progress=False)
 
 
+@pytest.mark.parametrize("bad", [7, 0, True, 2.0, "6", [], [2, 7]])
+def test_stream_counts_are_checked_like_encode(codec, bad):
+  """evaluate() takes the stream counts encode() takes (bool and floats are not counts)."""
+  with pytest.raises(ValueError, match="num_streams must"):
+    evaluation._streams(codec, bad)
+  assert evaluation._streams(codec, [np.int64(2), 6]) == [2, 6]
+  assert evaluation._streams(codec, None) == [1, 2, 3, 4, 5, 6]
+
+
 def _write_clips(folder: pathlib.Path):
   x = audio_io.load_audio(ASSETS / "speech_0.wav")
   (folder / "b_sub").mkdir(parents=True)
