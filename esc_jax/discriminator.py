@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from esc_jax.audio import frame_signal, hann_window
-from esc_jax.layers.common import torch_bias_init, torch_kernel_init
+from esc_jax.layers.common import strided_conv2d, torch_bias_init, torch_kernel_init
 
 # Fractions of the one-sided spectrum (W//2 + 1 bins) that the MRD bands cover.
 BANDS = ((0.0, 0.1), (0.1, 0.25), (0.25, 0.5), (0.5, 0.75), (0.75, 1.0))
@@ -93,9 +93,7 @@ class WNConv2d(nn.Module):
                    (self.features,), jnp.float32)
     w = g * v / _weight_norm(v)
     (ph, pw) = self.padding
-    y = jax.lax.conv_general_dilated(x.astype(self.dtype), w.astype(self.dtype), self.stride,
-                                     ((ph, ph), (pw, pw)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = strided_conv2d(x.astype(self.dtype), w.astype(self.dtype), tuple(self.stride), ((ph, ph), (pw, pw)))
     y = y + b.astype(y.dtype)
     return nn.leaky_relu(y, LEAKY_SLOPE) if self.act else y
 

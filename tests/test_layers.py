@@ -181,3 +181,51 @@ def test_transformer_layer_bf16_close_to_float32(hw):
   for a, b in zip(jax.tree_util.tree_leaves(g16), jax.tree_util.tree_leaves(g32)):
     assert a.dtype == jnp.float32
     assert np.abs(np.asarray(a) - np.asarray(b)).max() <= 0.05 * np.abs(np.asarray(b)).max() + 1e-3
+
+
+@pytest.mark.parametrize("kernel,stride,padding,hw", [
+    ((5, 1), (3, 1), ((2, 2), (0, 0)), (17, 3)),  # MPD conv, H with a stride remainder
+    ((3, 9), (1, 2), ((1, 1), (4, 4)), (6, 21)),  # MRD band conv, odd W
+    ((3, 3), (1, 1), ((1, 1), (1, 1)), (5, 7)),   # output conv
+    ((4, 3), (2, 3), ((0, 1), (2, 0)), (9, 11)),  # uneven padding, both remainders
+])
+def test_strided_conv_vjp_equals_autodiff(kernel, stride, padding, hw):
+  import jax.numpy as jnp
+  from esc_jax.layers.common import strided_conv2d
+  k1, k2, k3 = jax.random.split(jax.random.PRNGKey(hw[0] * hw[1]), 3)
+  x = jax.random.normal(k1, (2, *hw, 3))
+  w = jax.random.normal(k2, (*kernel, 3, 4))
+  ref = lambda x, w: jax.lax.conv_general_dilated(x, w, stride, padding,  # noqa: E731
+                                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  with jax.default_matmul_precision("highest"):
+    y, vjp = jax.vjp(lambda x, w: strided_conv2d(x, w, stride, padding), x, w)
+    y_ref, vjp_ref = jax.vjp(ref, x, w)
+    g = jax.random.normal(k3, y.shape)
+    grads, grads_ref = vjp(g), vjp_ref(g)
+  for a, b in ((y, y_ref), *zip(grads, grads_ref)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
+  _, vjp16 = jax.vjp(lambda x, w: strided_conv2d(x, w, stride, padding),
+                     x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+  assert all(t.dtype == jnp.bfloat16 for t in vjp16(g.astype(jnp.bfloat16)))
+
+
+def test_strided_conv_gradient_inside_cond_uses_canonical_convolutions():
+  """The adversarial step differentiates the discriminator inside a lax.cond branch,
+  where XLA:CPU leaves non-canonical convolutions in a naive loop: every convolution
+  of the compiled gradient must be in the NHWC/HWIO form (autodiff's are not)."""
+  import re
+  import jax.numpy as jnp
+  from esc_jax.layers.common import strided_conv2d
+  x, w = jnp.ones((2, 12, 3, 2)), jnp.ones((5, 1, 2, 4))
+
+  def labels(conv):
+    grad = jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1))
+    f = lambda p, x, w: jax.lax.cond(p, lambda: grad(x, w), lambda: (x, w))  # noqa: E731
+    return set(re.findall(r"dim_labels=(\S+?),", jax.jit(f).lower(True, x, w).compile().as_text()))
+
+  ours = labels(lambda x, w: strided_conv2d(x, w, (3, 1), ((2, 2), (0, 0))))
+  assert ours == {"b01f_01io->b01f"}
+  autodiff = labels(lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (3, 1), ((2, 2), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC")))
+  assert autodiff != {"b01f_01io->b01f"}  # what the custom backward avoids
