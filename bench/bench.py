@@ -13,7 +13,7 @@ never timed):
   train_step       one step at batch 4 x 3 s (loss, grads, clip, AdamW), with the
                    compile time cold and from a warm persistent cache (a restart)
   train_step_adv   the same with the adversarial discriminator (configs/9kbps_adv.py;
-                   skipped by default on CPU, see README "Training")
+                   skipped by default on CPU: ~30 s per step there, ~8 min for the row)
   data_pipeline    clips/s from the grain pipeline (bench_data.py, default workers)
 GFLOP come from XLA's cost analysis; "% peak" is achieved GFLOP/s over dot_peak.
 The original is timed with ../shared/tools/reference (and bench/reference_streams.py
@@ -141,8 +141,8 @@ def main() -> None:
   p.add_argument("--reference", default=None, help="the reference kit's folder (venv/ and src/), e.g. /tmp/esc_ref")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--skip", default=None,
-                 help="comma-separated: infer,chunked,train,adv,data (default: adv on CPU, where XLA runs the "
-                      "discriminator inside the step's lax.cond far too slowly; nothing elsewhere)")
+                 help="comma-separated: infer,chunked,train,adv,data (default: adv on CPU, where its "
+                      "2,857-GFLOP step takes ~30 s and the row ~8 min; nothing elsewhere)")
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
   args = p.parse_args()
   from esc_jax import runtime
