@@ -190,6 +190,7 @@ def test_transformer_layer_bf16_close_to_float32(hw):
     ((4, 3), (2, 3), ((0, 1), (2, 0)), (9, 11)),  # uneven padding, both remainders
 ])
 def test_strided_conv_vjp_equals_autodiff(kernel, stride, padding, hw):
+  """The discriminator's convolution: value and both cotangents equal autodiff's."""
   import jax.numpy as jnp
   from esc_jax.layers.common import strided_conv2d
   k1, k2, k3 = jax.random.split(jax.random.PRNGKey(hw[0] * hw[1]), 3)
