@@ -1,0 +1,311 @@
+"""ESC-Base on an accelerator: training clips/s and inference real-time factor.
+
+  python bench/bench_gpu.py                      # the rows of issue 10 on the default device
+  python bench/bench_gpu.py --json --out rows.jsonl
+  python bench/bench_gpu.py --train_batches 8 --infer_batches 1 --dtypes float32   # a quick look
+
+Rows (random weights, the first, compiling call never timed):
+  peak         the card's ceilings measured here: an 8192^3 matmul in float32 (XLA's
+               default precision: TF32 on NVIDIA tensor cores), float32 at "highest",
+               bfloat16, and a device-to-device copy (bytes read + written)
+  train_step   the real compiled step (train_lib.build: loss, grads, clip, AdamW,
+               quantisation dropout) at batch 36 of 3 s clips and at the largest batch
+               that fits (predicted from the compiled step's memory analysis at 36, then
+               lowered until it runs), per compute dtype
+  infer        encode + decode of B x 10 s at 9 kbps on device arrays (jitted, as
+               Codec.encode/decode run them) and, at B = 1, through the numpy API
+               (host transfers included); bfloat16 rows give the share of codes equal
+               to float32's
+FLOP and bytes come from XLA's cost analysis of the compiled programs; "% peak"
+compares achieved FLOP/s with the measured matmul rate of the step's dtype
+(TF32 for float32), "% BW" the achieved bytes/s with the measured copy bandwidth.
+Each row is printed (and appended to --out) as soon as it is measured; a row
+that fails prints its error and the others still run.
+"""
+from __future__ import annotations
+
+import gc
+import glob
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+import wave
+
+import numpy as np
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time.")
+flags.DEFINE_list("train_batches", ["36", "max"], "Train batch sizes; 'max': the largest that fits.")
+flags.DEFINE_list("infer_batches", ["1", "64"], "Inference batch sizes (clips of --infer_seconds).")
+flags.DEFINE_float("infer_seconds", 10.0, "Length of each inference clip.")
+flags.DEFINE_integer("steps", 10, "Timed train steps (after 2 untimed).")
+flags.DEFINE_integer("repeats", 10, "Timed inference calls (median).")
+flags.DEFINE_float("mem_fill", 0.9, "Share of the device memory limit that the 'max' batch may plan for.")
+flags.DEFINE_integer("max_batch_multiple", 4, "The 'max' batch is a multiple of this.")
+flags.DEFINE_string("out", "", "Append each row as a JSON line to this file.")
+flags.DEFINE_bool("json", False, "Print JSON lines only (no table).")
+flags.DEFINE_string("skip", "", "Comma-separated: peak,train,infer.")
+FLAGS = flags.FLAGS
+
+CLIP_SAMPLES = 47920  # 3 s, the reference's training clip
+
+
+def _emit(row: dict) -> dict:
+  import jax
+  row = {**row, "device": f"{jax.devices()[0].device_kind}", "platform": jax.default_backend()}
+  line = json.dumps(row)
+  if FLAGS.out:
+    with open(FLAGS.out, "a") as f:
+      f.write(line + "\n")
+  print(line if FLAGS.json else _fmt(row), flush=True)
+  return row
+
+
+def _fmt(r: dict) -> str:
+  if "error" in r:
+    return f"{r['work']:<11} {r.get('setting', ''):<28} FAILED: {r['error']}"
+  if r["work"] == "peak":
+    return (f"peak        {r['setting']:<28} {r['value']:>10.1f} {r['unit']}")
+  if r["work"] == "train_step":
+    return (f"train_step  {r['dtype']:<9} batch {r['batch']:<4} x 3 s    {r['s_per_step'] * 1e3:>8.1f} ms/step "
+            f"{r['clips_per_s']:>8.1f} clips/s  {r['tflop_per_s']:>6.1f} TFLOP/s ({r['pct_peak']:.1f}% peak) "
+            f"{r['gb_per_s']:>6.0f} GB/s ({r['pct_bw']:.0f}% BW)  compile {r['compile_s']:.0f} s, "
+            f"{r['mem_gb']:.1f} GB")
+  extra = f", codes equal to float32 {100 * r['codes_equal_f32']:.2f}%" if "codes_equal_f32" in r else ""
+  if "api_s" in r:
+    extra += f", numpy API {r['api_s'] * 1e3:.1f} ms ({r['api_x_realtime']:.0f}x)"
+  return (f"infer       {r['dtype']:<9} {r['setting']:<18} {r['s'] * 1e3:>8.1f} ms  {r['x_realtime']:>8.0f}x real time  "
+          f"{r['tflop_per_s']:>6.1f} TFLOP/s ({r['pct_peak']:.1f}% peak) {r['gb_per_s']:>6.0f} GB/s  "
+          f"compile {r['compile_s']:.0f} s{extra}")
+
+
+def _cost(compiled) -> tuple[float, float]:
+  """(FLOP, bytes accessed) of a compiled program from XLA's cost analysis."""
+  ca = compiled.cost_analysis()
+  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+  return float(ca.get("flops", float("nan"))), float(ca.get("bytes accessed", float("nan")))
+
+
+def _median_time(fn, repeats: int) -> float:
+  """Median wall seconds of fn() (which must block until its work is done)."""
+  ts = []
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  return statistics.median(ts)
+
+
+def peaks() -> dict:
+  """{"float32", "highest", "bfloat16": FLOP/s of an 8192^3 matmul, "copy": bytes/s of a 2 GiB copy}."""
+  import jax
+  import jax.numpy as jnp
+  n, out = 8192, {}
+  key = jax.random.key(0)
+  for name, dtype, precision in (("float32", jnp.float32, None), ("highest", jnp.float32, "highest"),
+                                 ("bfloat16", jnp.bfloat16, None)):
+    a = jax.random.normal(key, (n, n), dtype)
+    b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype)
+    f = jax.jit(lambda x, y, p=precision: jnp.dot(x, y, precision=p))
+    f(a, b).block_until_ready()
+    out[name] = 2 * n ** 3 / _median_time(lambda: f(a, b).block_until_ready(), 10)
+  x = jax.random.normal(key, (1 << 29,), jnp.float32)  # 2 GiB
+  g = jax.jit(lambda v: v + 1.0)
+  g(x).block_until_ready()
+  out["copy"] = 2 * x.nbytes / _median_time(lambda: g(x).block_until_ready(), 10)
+  return out
+
+
+def _config(batch: int, dtype: str):
+  spec = importlib.util.spec_from_file_location("cfg_9kbps", os.path.join(ROOT, "configs", "9kbps.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.train.batch_size, c.train.compute_dtype, c.train.pretrain_steps = batch, dtype, 0
+  c.data.clip_samples = CLIP_SAMPLES
+  return c
+
+
+def _mem_bytes(compiled) -> float:
+  m = compiled.memory_analysis()
+  return float(m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
+  """Times the real train step; returns (row, bytes of device memory the step plans for)."""
+  import jax
+  from esc_jax import train_lib
+  program = train_lib.build(_config(batch, dtype))
+  mem = _mem_bytes(program.step)
+  state = train_lib.init_state(program)
+  rng = np.random.default_rng(0)
+  batches = [train_lib.global_batch(program, (0.1 * rng.standard_normal((batch, CLIP_SAMPLES))).astype(np.float32))
+             for _ in range(2)]
+  for i in range(2):
+    state, m = program.step(state, batches[i])
+    jax.block_until_ready(m)
+  t = time.perf_counter()
+  for i in range(FLAGS.steps):  # as train_lib's loop: each step's metrics are fetched
+    state, m = program.step(state, batches[i % 2])
+    m = jax.device_get(m)
+  dt = (time.perf_counter() - t) / FLAGS.steps
+  if not np.isfinite(float(m["loss"])):
+    raise FloatingPointError(f"train loss is {float(m['loss'])}")
+  flop, nbytes = _cost(program.step)
+  ref = peak.get("float32" if dtype == "float32" else "bfloat16", float("nan"))
+  row = dict(work="train_step", dtype=dtype, batch=batch, clip_samples=CLIP_SAMPLES, s_per_step=dt,
+             clips_per_s=batch / dt, tflop_per_step=flop / 1e12, tflop_per_s=flop / dt / 1e12,
+             pct_peak=100 * flop / dt / ref, gb_per_s=nbytes / dt / 1e9,
+             pct_bw=100 * nbytes / dt / peak.get("copy", float("nan")), compile_s=program.compile_s,
+             mem_gb=mem / 1e9, loss=float(m["loss"]))
+  del state, batches, program
+  gc.collect()
+  return row, mem
+
+
+def max_batch(mem36: float, batch36: int, limit: float) -> int:
+  """The largest multiple of --max_batch_multiple whose planned memory fits --mem_fill of `limit`,
+  assuming memory linear in the batch (the params and optimizer state are a few hundred MB)."""
+  per_clip = mem36 / batch36
+  k = FLAGS.max_batch_multiple
+  return max(k, int(FLAGS.mem_fill * limit / per_clip) // k * k)
+
+
+def train_rows(peak: dict, planned: dict, largest: bool) -> None:
+  """The fixed train batches (largest=False; fills planned[dtype][batch] = planned bytes), or
+  the largest batch per dtype (largest=True; needs a fixed batch of that dtype timed first)."""
+  import jax
+  limit = float((jax.devices()[0].memory_stats() or {}).get("bytes_limit", 0))
+  for dtype in FLAGS.dtypes:
+    if not largest:
+      for b in (int(b) for b in FLAGS.train_batches if b != "max"):
+        try:
+          row, planned.setdefault(dtype, {})[b] = train_row(b, dtype, peak)
+          _emit(row)
+        except Exception as e:  # noqa: BLE001
+          traceback.print_exc()
+          _emit(dict(work="train_step", dtype=dtype, setting=f"batch {b}", error=_one_line(e)))
+      continue
+    if not planned.get(dtype) or not limit:
+      _emit(dict(work="train_step", dtype=dtype, setting=f"{dtype} max batch",
+                 error="needs a timed fixed batch of this dtype and the device's memory limit"))
+      continue
+    b0, mem0 = max(planned[dtype].items())
+    batch = max_batch(mem0, b0, limit)
+    while batch > b0:
+      try:
+        row, _ = train_row(batch, dtype, peak)
+        _emit({**row, "largest": True, "mem_limit_gb": limit / 1e9})
+        break
+      except Exception as e:  # noqa: BLE001 - out of memory: try a smaller batch
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+          traceback.print_exc()
+          _emit(dict(work="train_step", dtype=dtype, setting=f"batch {batch}", error=_one_line(e)))
+          break
+        print(f"batch {batch} ({dtype}) does not fit: {_one_line(e)[:200]}", flush=True)
+        gc.collect()
+        batch = int(batch * 0.85) // FLAGS.max_batch_multiple * FLAGS.max_batch_multiple
+
+
+def _speech(seconds: float) -> np.ndarray:
+  """The bundled speech clips (16-bit wav, read with the standard library), tiled to `seconds`."""
+  clips = []
+  for f in sorted(glob.glob(os.path.join(ROOT, "esc_jax", "assets", "*.wav"))):
+    with wave.open(f) as w:
+      clips.append(np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768)
+  x = np.concatenate(clips)
+  n = int(seconds * 16000)
+  return np.tile(x, -(-n // len(x)))[:n]
+
+
+def infer_rows(peak: dict) -> None:
+  import jax
+  import jax.numpy as jnp
+  from bench_codec import random_params
+  from esc_jax.api import Codec
+  from esc_jax.codec import make_model
+  from esc_jax.config_lib import ESC_BASE
+  seconds = FLAGS.infer_seconds
+  params = random_params(make_model(ESC_BASE))
+  f32_codes = {}
+  for dtype in FLAGS.dtypes:
+    codec = Codec(make_model(ESC_BASE, dtype=jnp.dtype(dtype).type), params, {"model": ESC_BASE})
+    for b in map(int, FLAGS.infer_batches):
+      try:
+        # distinct clips per batch row: start each at another offset of the tiled speech
+        long = _speech(seconds + b * 0.37)
+        x_np = np.stack([long[int(i * 0.37 * 16000):][:int(seconds * 16000)] for i in range(b)])
+        x = jnp.asarray(codec.pad(x_np)[0])
+        t = time.perf_counter()
+        enc = codec._encode.lower(codec.variables, x, 6).compile()  # pylint: disable=protected-access
+        codes = enc(codec.variables, x)
+        dec = codec._decode.lower(codec.variables, codes).compile()  # pylint: disable=protected-access
+        dec(codec.variables, codes).block_until_ready()
+        compile_s = time.perf_counter() - t
+        run = lambda: dec(codec.variables, enc(codec.variables, x)).block_until_ready()  # noqa: E731
+        run()
+        s = _median_time(run, FLAGS.repeats)
+        flop = _cost(enc)[0] + _cost(dec)[0]
+        nbytes = _cost(enc)[1] + _cost(dec)[1]
+        ref = peak.get("float32" if dtype == "float32" else "bfloat16", float("nan"))
+        row = dict(work="infer", dtype=dtype, batch=b, audio_s=seconds, kbps=codec.kbps(6),
+                   setting=f"{b} x {seconds:g} s, 9 kbps", s=s, x_realtime=b * seconds / s,
+                   tflop_per_s=flop / s / 1e12, pct_peak=100 * flop / s / ref, gb_per_s=nbytes / s / 1e9,
+                   compile_s=compile_s)
+        c = np.asarray(codes)
+        if dtype == "float32":
+          f32_codes[b] = c
+        elif b in f32_codes:
+          row["codes_equal_f32"] = float(np.mean(c == f32_codes[b]))
+        if b == 1:  # the user-facing path: numpy in, numpy out
+          row["api_s"] = _median_time(lambda: codec.decode(codec.encode(x_np, 6)), FLAGS.repeats)
+          row["api_x_realtime"] = seconds / row["api_s"]
+        _emit(row)
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        _emit(dict(work="infer", dtype=dtype, setting=f"{b} x {seconds:g} s", error=_one_line(e)))
+      gc.collect()
+
+
+def _one_line(e: BaseException) -> str:
+  return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def main(argv):
+  del argv
+  import jax
+  from esc_jax import runtime
+  runtime.enable_compile_cache(None)  # off: every compile_s is a cold compile
+  skip = set(filter(None, FLAGS.skip.split(",")))
+  d = jax.devices()[0]
+  print(f"jax {jax.__version__} on {len(jax.devices())} x {d.device_kind} ({jax.default_backend()}), "
+        f"memory limit {(d.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.1f} GB", flush=True)
+  peak = {}
+  if "peak" not in skip:
+    peak = peaks()
+    for name, unit, scale in (("float32", "TFLOP/s", 1e12), ("highest", "TFLOP/s", 1e12),
+                              ("bfloat16", "TFLOP/s", 1e12), ("copy", "GB/s", 1e9)):
+      setting = {"float32": "matmul f32 (default prec.)", "highest": "matmul f32 (highest)",
+                 "bfloat16": "matmul bf16", "copy": "device copy (r + w)"}[name]
+      _emit(dict(work="peak", setting=setting, value=peak[name] / scale, unit=unit))
+  planned = {}  # dtype -> {batch: planned bytes}: the fixed batches first, then inference, then "max"
+  if "train" not in skip:
+    train_rows(peak, planned, largest=False)
+  if "infer" not in skip:
+    infer_rows(peak)
+  if "train" not in skip and "max" in FLAGS.train_batches:
+    train_rows(peak, planned, largest=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
