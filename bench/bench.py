@@ -15,7 +15,7 @@ never timed):
   train_step_adv   the same with the adversarial discriminator (configs/9kbps_adv.py;
                    skipped by default on CPU: ~30 s per step there, ~8 min for the row)
   data_pipeline    clips/s from the grain pipeline (bench_data.py, default workers)
-GFLOP come from XLA's cost analysis; "% peak" is achieved GFLOP/s over dot_peak.
+GFLOP come from XLA's cost analysis of the programs before optimisation; "% peak" is achieved GFLOP/s over dot_peak.
 The original is timed with ../shared/tools/reference (and bench/reference_streams.py
 for 1.5 kbps) right after our rows; absolute times drift on shared machines, so
 compare ratios measured in one run.
@@ -51,21 +51,15 @@ def dot_peak(n: int = 2048, repeats: int = 10) -> float:
   return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
 
 
-def _flops(jitted, *args) -> float:
-  ca = jitted.lower(*args).compile().cost_analysis()
-  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
-  return float(ca.get("flops", float("nan"))) / 1e9
-
-
 def infer_rows(codec, repeats: int) -> list[dict]:
   """encode + decode, whole signal, at (10 s, 9 kbps), (10 s, 1.5 kbps), (60 s, 9 kbps)."""
-  from bench_codec import speech, timed
+  from bench_codec import speech, timed, xla_flops
   rows = []
   for seconds, streams in ((10, 6), (10, 1), (60, 6)):
     x = speech(seconds)[None]
     xp, _ = codec.pad(x)
-    gflop = (_flops(codec._encode, codec.variables, xp, streams)  # pylint: disable=protected-access
-             + _flops(codec._decode, codec.variables, codec.encode(x, streams)))  # pylint: disable=protected-access
+    gflop = (xla_flops(codec._encode.lower(codec.variables, xp, streams))  # pylint: disable=protected-access
+             + xla_flops(codec._decode.lower(codec.variables, codec.encode(x, streams)))) / 1e9  # pylint: disable=protected-access
     _, wall, cpu, _ = timed(lambda: codec.decode(codec.encode(x, streams)), repeats)
     rows.append(dict(work="infer", audio_s=seconds, kbps=codec.kbps(streams), s=wall, rtf=wall / seconds,
                      cpu_s=cpu, gflop=gflop, gflop_per_s=gflop / wall))

@@ -90,6 +90,14 @@ def make_codec(params_kind: str):
   return Codec(model, params, {"model": ESC_BASE})
 
 
+def xla_flops(lowered) -> float:
+  """FLOP of a lowered (not yet compiled) jax program, XLA's count: the same on every platform
+  (a compiled GPU program's count leaves out its cuBLAS/cuDNN calls)."""
+  ca = lowered.cost_analysis()
+  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+  return float(ca.get("flops", float("nan")))
+
+
 def timed(fn, repeats: int):
   """(first-call s incl. compile, best of `repeats` wall s, CPU s of that run, last result).
 
@@ -190,10 +198,8 @@ def bench_profile(codec, repeats, streams, seconds=10.0):
   for name, fn, arg in stages:
     # params as an argument, as in Codec (a closure would bake them in as constants)
     j = jax.jit(lambda params, a, fn=fn: fn(a, params))
-    ca = j.lower(p, arg).compile().cost_analysis()
-    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+    gflop = xla_flops(j.lower(p, arg)) / 1e9
     _, best, cpu, _ = timed(lambda: jax.block_until_ready(j(p, arg)), repeats)
-    gflop = ca.get("flops", 0.0) / 1e9
     rows.append([name, best, cpu, gflop, gflop / cpu if cpu else 0.0])
   return table(f"Stage profile, {seconds:g} s of audio (wall s, best of {repeats}; XLA's FLOP count; "
                "GFLOP per CPU s = per-core throughput)", ["stage", "s", "CPU s", "GFLOP", "GFLOP/CPU s"], rows)

@@ -77,9 +77,7 @@ def main(argv):
   dt = (time.perf_counter() - t0) / FLAGS.steps
   cpu = (time.process_time() - c0) / FLAGS.steps  # all threads of this process
   faults = (_page_faults() - f0) / FLAGS.steps
-  ca = program.step.cost_analysis()
-  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
-  gflop = float(ca.get("flops", float("nan"))) / 1e9
+  gflop = program.step_flops / 1e9
   dev = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
   row = dict(work="train_step_adv" if program.adversarial else "train_step", device=dev,

@@ -221,6 +221,7 @@ class Program:
   init_variables: Callable  # jitted key -> model variables {"params", maybe "batch_stats"}
   abstract_state: TrainState  # shapes, dtypes and shardings of the state
   compile_s: float  # seconds spent compiling the step (little when loaded from the persistent cache)
+  lowered: Any = None  # the step before compilation (jax.stages.Lowered): see step_flops
   disc: Any = None  # the discriminator (adversarial recipe) or None
   disc_tx: optax.GradientTransformation | None = None
   init_disc_params: Callable | None = None  # jitted key -> discriminator params
@@ -228,6 +229,14 @@ class Program:
   @property
   def adversarial(self) -> bool:
     return self.disc is not None
+
+  @property
+  def step_flops(self) -> float:
+    """FLOP of one step: XLA's count of the program before optimisation (the same on every
+    platform; a compiled GPU program's count leaves out its cuBLAS/cuDNN calls)."""
+    ca = self.lowered.cost_analysis() if self.lowered is not None else None
+    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+    return float(ca.get("flops", float("nan")))
 
   @property
   def replicated(self) -> NamedSharding:
@@ -293,11 +302,12 @@ def build(config, devices=None) -> Program:
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   batch = jax.ShapeDtypeStruct((bs, length), jnp.float32, sharding=shard)
   t = time.perf_counter()
-  step = jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
-                 in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch).compile()
+  lowered = jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
+                    in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch)
+  step = lowered.compile()
   compile_s = time.perf_counter() - t
   return Program(config, model, tx, mesh, step, jax.jit(init_variables, out_shardings=rep), abstract, compile_s,
-                 disc, disc_tx, None if disc is None else jax.jit(init_disc, out_shardings=rep))
+                 lowered, disc, disc_tx, None if disc is None else jax.jit(init_disc, out_shardings=rep))
 
 
 def init_state(program: Program, variables=None) -> TrainState:
