@@ -315,6 +315,21 @@ def test_program_must_match_config(program, tmp_path):
     train_lib.train_and_evaluate(_config(**{"optim.lr": 1e-4}), tmp_path, program=program)
 
 
+def test_step_flops_counts_the_whole_step(program):
+  """Program.step_flops (the count before optimisation, the same on every platform) agrees
+  with the compiled CPU program's count, and grows with the batch."""
+  ca = program.step.cost_analysis()
+  compiled = float((ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"])
+  assert compiled > 0
+  assert program.step_flops == pytest.approx(compiled, rel=0.02)
+  half = _config(**{"train.batch_size": program.config.train.batch_size // 2})
+  lowered = jax.jit(train_lib.make_train_step(program.model, program.tx, train_lib.make_schedule(half.optim, 30), half))
+  state = program.abstract_state
+  batch = jax.ShapeDtypeStruct((half.train.batch_size, half.data.clip_samples), jnp.float32)
+  small = dataclasses.replace(program, lowered=lowered.lower(state, batch)).step_flops
+  assert 0.4 * program.step_flops < small < 0.6 * program.step_flops
+
+
 def test_wandb_project_and_epoch_validation_interval(tmp_path, monkeypatch):
   """--config.log.wandb_project=NAME reaches wandb.init; eval.every_steps=0 means once per epoch."""
   import types
