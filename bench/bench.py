@@ -15,6 +15,9 @@ never timed):
   train_step_adv   the same with the adversarial discriminator (configs/9kbps_adv.py;
                    skipped by default on CPU: ~30 s per step there, ~8 min for the row)
   data_pipeline    clips/s from the grain pipeline (bench_data.py, default workers)
+  accelerator      on a GPU/TPU, bench_gpu.py's rows: the card's ceilings, train clips/s at
+                   batch 36 and the largest batch per compute dtype, batched inference
+                   (there they replace the batch-4 train rows; --skip accel leaves them out)
 GFLOP come from XLA's cost analysis of the programs before optimisation; "% peak" is achieved GFLOP/s over dot_peak.
 The original is timed with ../shared/tools/reference (and bench/reference_streams.py
 for 1.5 kbps) right after our rows; absolute times drift on shared machines, so
@@ -113,6 +116,16 @@ def data_row() -> dict:
   return dict(work="data_pipeline", num_workers=workers, batch=36, **r)
 
 
+def accel_rows(extra: tuple[str, ...] = ()) -> list[dict]:
+  """bench_gpu.py's rows (one JSON line each), run in a fresh process; failed rows are kept."""
+  cmd = [sys.executable, os.path.join(ROOT, "bench", "bench_gpu.py"), "--json", *extra]
+  p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+  rows = [json.loads(l) for l in p.stdout.splitlines() if l.startswith("{")]
+  if p.returncode or not rows:
+    raise SystemExit(f"bench_gpu failed (exit {p.returncode}):\n{p.stderr[-3000:]}")
+  return [{**r, "accel": True} for r in rows]
+
+
 def reference_rows(ref: str) -> dict:
   """The original's times: {(work, audio_s, streams or batch): seconds}.
 
@@ -135,15 +148,17 @@ def main() -> None:
   p.add_argument("--reference", default=None, help="the reference kit's folder (venv/ and src/), e.g. /tmp/esc_ref")
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--skip", default=None,
-                 help="comma-separated: infer,chunked,train,adv,data (default: adv on CPU, where its "
-                      "2,857-GFLOP step takes ~30 s and the row ~8 min; nothing elsewhere)")
+                 help="comma-separated: infer,chunked,train,adv,data,accel (default: adv on CPU, where "
+                      "its 2,857-GFLOP step takes ~30 s and the row ~8 min; train,adv elsewhere, where "
+                      "the accel rows time training at real batch sizes)")
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
   args = p.parse_args()
   from esc_jax import runtime
   runtime.preload_allocator()
   import jax
+  cpu = jax.default_backend() == "cpu"
   if args.skip is None:
-    args.skip = "adv" if jax.default_backend() == "cpu" else ""
+    args.skip = "adv" if cpu else "train,adv"
   skip = set(filter(None, args.skip.split(",")))
   from bench_codec import make_codec
   cache = tempfile.mkdtemp(prefix="esc_bench_xla_")
@@ -161,8 +176,12 @@ def main() -> None:
     rows += train_rows(os.path.join(ROOT, "configs", "9kbps_adv.py"), cache)
   if "data" not in skip:
     rows.append(data_row())
+  if not cpu and "accel" not in skip:
+    rows += accel_rows()
   ref = reference_rows(args.reference) if args.reference else {}
   for r in rows:
+    if r.get("accel"):  # the original's times are CPU times: no ratio against an accelerator
+      continue
     if "gflop_per_s" in r and r["work"] != "dot_peak":
       r["pct_peak"] = 100 * r["gflop_per_s"] / peak
     key = {"infer": lambda: ("infer", r["audio_s"], round(r["kbps"] / 1.5)),
@@ -183,6 +202,10 @@ def main() -> None:
   print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}  notes")
   for r in rows:
     w = r["work"]
+    if r.get("accel"):
+      from bench_gpu import fmt_row
+      print(fmt_row(r))
+      continue
     if w == "dot_peak":
       setting, ours, note = "2048^2 float32", "", ""
     elif w.startswith("infer"):

@@ -67,11 +67,12 @@ def _emit(row: dict) -> dict:
   if FLAGS.out:
     with open(FLAGS.out, "a") as f:
       f.write(line + "\n")
-  print(line if FLAGS.json else _fmt(row), flush=True)
+  print(line if FLAGS.json else fmt_row(row), flush=True)
   return row
 
 
-def _fmt(r: dict) -> str:
+def fmt_row(r: dict) -> str:
+  """One row as a line of the table."""
   if "error" in r:
     return f"{r['work']:<11} {r.get('setting', ''):<28} FAILED: {r['error']}"
   if r["work"] == "peak":
@@ -217,6 +218,9 @@ def train_rows(peak: dict, planned: dict, largest: bool) -> None:
         print(f"batch {batch} ({dtype}) does not fit: {_one_line(e)[:200]}", flush=True)
         gc.collect()
         batch = int(batch * 0.85) // FLAGS.max_batch_multiple * FLAGS.max_batch_multiple
+    else:  # no batch above the timed one fits
+      _emit(dict(work="train_step", dtype=dtype, setting=f"{dtype} max batch",
+                 error=f"no multiple of {FLAGS.max_batch_multiple} above batch {b0} fits"))
 
 
 def _speech(seconds: float) -> np.ndarray:
