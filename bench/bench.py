@@ -18,7 +18,8 @@ never timed):
   accelerator      on a GPU/TPU, bench_gpu.py's rows: the card's ceilings, train clips/s at
                    batch 36 and the largest batch per compute dtype, batched inference
                    (there they replace the batch-4 train rows; --skip accel leaves them out)
-GFLOP come from XLA's cost analysis of the programs before optimisation; "% peak" is achieved GFLOP/s over dot_peak.
+GFLOP come from XLA's cost analysis of the programs before optimisation; "% peak" is
+achieved GFLOP/s over dot_peak.
 The original is timed with ../shared/tools/reference (and bench/reference_streams.py
 for 1.5 kbps) right after our rows; absolute times drift on shared machines, so
 compare ratios measured in one run.
@@ -56,13 +57,13 @@ def dot_peak(n: int = 2048, repeats: int = 10) -> float:
 
 def infer_rows(codec, repeats: int) -> list[dict]:
   """encode + decode, whole signal, at (10 s, 9 kbps), (10 s, 1.5 kbps), (60 s, 9 kbps)."""
-  from bench_codec import speech, timed, xla_flops
+  from bench_codec import speech, timed, xla_cost
   rows = []
   for seconds, streams in ((10, 6), (10, 1), (60, 6)):
     x = speech(seconds)[None]
     xp, _ = codec.pad(x)
-    gflop = (xla_flops(codec._encode.lower(codec.variables, xp, streams))  # pylint: disable=protected-access
-             + xla_flops(codec._decode.lower(codec.variables, codec.encode(x, streams)))) / 1e9  # pylint: disable=protected-access
+    gflop = (xla_cost(codec._encode.lower(codec.variables, xp, streams))  # pylint: disable=protected-access
+             + xla_cost(codec._decode.lower(codec.variables, codec.encode(x, streams)))) / 1e9  # pylint: disable=protected-access
     _, wall, cpu, _ = timed(lambda: codec.decode(codec.encode(x, streams)), repeats)
     rows.append(dict(work="infer", audio_s=seconds, kbps=codec.kbps(streams), s=wall, rtf=wall / seconds,
                      cpu_s=cpu, gflop=gflop, gflop_per_s=gflop / wall))

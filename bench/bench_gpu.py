@@ -44,6 +44,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
+from bench_codec import random_params, xla_cost  # noqa: E402  (bench/ on the path above)
+
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time.")
 flags.DEFINE_list("train_batches", ["36", "max"], "Train batch sizes; 'max': the largest that fits.")
 flags.DEFINE_list("infer_batches", ["1", "64"], "Inference batch sizes (clips of --infer_seconds).")
@@ -88,13 +90,6 @@ def fmt_row(r: dict) -> str:
   return (f"infer       {r['dtype']:<9} {r['setting']:<18} {r['s'] * 1e3:>8.1f} ms  {r['x_realtime']:>8.0f}x real time  "
           f"{r['tflop_per_s']:>6.1f} TFLOP/s ({r['pct_peak']:.1f}% peak) >={r['gb_per_s']:.0f} GB/s  "
           f"compile {r['compile_s']:.0f} s{extra}")
-
-
-def _bytes(compiled) -> float:
-  """Bytes accessed by a compiled program, XLA's count (library calls left out)."""
-  ca = compiled.cost_analysis()
-  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
-  return float(ca.get("bytes accessed", float("nan")))
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -163,7 +158,7 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
   dt = (time.perf_counter() - t) / FLAGS.steps
   if not np.isfinite(float(m["loss"])):
     raise FloatingPointError(f"train loss is {float(m['loss'])}")
-  flop, nbytes = program.step_flops, _bytes(program.step)
+  flop, nbytes = program.step_flops, xla_cost(program.step, "bytes accessed")
   ref = peak.get("float32" if dtype == "float32" else "bfloat16", float("nan"))
   row = dict(work="train_step", dtype=dtype, batch=batch, clip_samples=CLIP_SAMPLES, s_per_step=dt,
              clips_per_s=batch / dt, tflop_per_step=flop / 1e12, tflop_per_s=flop / dt / 1e12,
@@ -235,9 +230,7 @@ def _speech(seconds: float) -> np.ndarray:
 
 
 def infer_rows(peak: dict) -> None:
-  import jax
   import jax.numpy as jnp
-  from bench_codec import random_params, xla_flops
   from esc_jax.api import Codec
   from esc_jax.codec import make_model
   from esc_jax.config_lib import ESC_BASE
@@ -263,8 +256,8 @@ def infer_rows(peak: dict) -> None:
         run = lambda: dec(codec.variables, enc(codec.variables, x)).block_until_ready()  # noqa: E731
         run()
         s = _median_time(run, FLAGS.repeats)
-        flop = sum(map(xla_flops, lowered))
-        nbytes = _bytes(enc) + _bytes(dec)
+        flop = sum(map(xla_cost, lowered))
+        nbytes = xla_cost(enc, "bytes accessed") + xla_cost(dec, "bytes accessed")
         ref = peak.get("float32" if dtype == "float32" else "bfloat16", float("nan"))
         row = dict(work="infer", dtype=dtype, batch=b, audio_s=seconds, kbps=codec.kbps(6),
                    setting=f"{b} x {seconds:g} s, 9 kbps", s=s, x_realtime=b * seconds / s,
