@@ -128,14 +128,13 @@ class ConvParams(nn.Module):
     return k, b
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")  # the canonical layout of XLA:CPU's fast convolutions
+
+
 def conv2d(x, kernel, bias=None, padding=((0, 0), (0, 0))):
   """Stride-1 NHWC cross-correlation (`torch.nn.functional.conv2d` with zero padding)."""
-  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), padding,
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), padding, dimension_numbers=_NHWC)
   return y if bias is None else y + bias.astype(y.dtype)
-
-
-_NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
