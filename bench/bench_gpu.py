@@ -60,6 +60,8 @@ flags.DEFINE_integer("max_batch_multiple", 4, "The 'max' batch is a multiple of 
 flags.DEFINE_string("out", "", "Append each row as a JSON line to this file.")
 flags.DEFINE_bool("json", False, "Print JSON lines only (no table).")
 flags.DEFINE_string("skip", "", "Comma-separated: peak,train,infer.")
+flags.DEFINE_string("trace", "", "Write a jax.profiler trace of two steps of the first train row here "
+                    "(per-kernel times for offline reading: its plugins/profile/*/*.trace.json.gz opens in Perfetto).")
 FLAGS = flags.FLAGS
 
 CLIP_SAMPLES = 47920  # 3 s, the reference's training clip
@@ -159,6 +161,11 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
     state, m = program.step(state, batches[i % 2])
     m = jax.device_get(m)
   dt = (time.perf_counter() - t) / FLAGS.steps
+  if FLAGS.trace and not os.path.isdir(FLAGS.trace):  # the first train row only
+    with jax.profiler.trace(FLAGS.trace):
+      for i in range(2):
+        state, m = program.step(state, batches[i])
+        m = jax.device_get(m)
   if not np.isfinite(float(m["loss"])):
     raise FloatingPointError(f"train loss is {float(m['loss'])}")
   flop, nbytes = program.step_flops, xla_cost(program.step, "bytes accessed")
