@@ -30,7 +30,6 @@ compiled after ~5 min, the float32 one took 2 min).
 from __future__ import annotations
 
 import gc
-import glob
 import importlib.util
 import json
 import os
@@ -38,7 +37,6 @@ import statistics
 import sys
 import time
 import traceback
-import wave
 
 import numpy as np
 from absl import app, flags
@@ -47,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_codec import random_params, xla_cost  # noqa: E402  (bench/ on the path above)
+from bench_codec import random_params, speech, xla_cost  # noqa: E402  (bench/ on the path above)
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time.")
 flags.DEFINE_list("train_batches", ["36", "max"], "Train batch sizes; 'max': the largest that fits.")
@@ -228,17 +226,6 @@ def train_rows(peak: dict, planned: dict, largest: bool, dtypes) -> None:
                  error=f"no multiple of {FLAGS.max_batch_multiple} above batch {b0} fits"))
 
 
-def _speech(seconds: float) -> np.ndarray:
-  """The bundled speech clips (16-bit wav, read with the standard library), tiled to `seconds`."""
-  clips = []
-  for f in sorted(glob.glob(os.path.join(ROOT, "esc_jax", "assets", "*.wav"))):
-    with wave.open(f) as w:
-      clips.append(np.frombuffer(w.readframes(w.getnframes()), "<i2").astype(np.float32) / 32768)
-  x = np.concatenate(clips)
-  n = int(seconds * 16000)
-  return np.tile(x, -(-n // len(x)))[:n]
-
-
 def infer_rows(peak: dict) -> None:
   import jax.numpy as jnp
   from esc_jax.api import Codec
@@ -252,7 +239,7 @@ def infer_rows(peak: dict) -> None:
     for b in map(int, FLAGS.infer_batches):
       try:
         # distinct clips per batch row: start each at another offset of the tiled speech
-        long = _speech(seconds + b * 0.37)
+        long = speech(seconds + b * 0.37)
         x_np = np.stack([long[int(i * 0.37 * 16000):][:int(seconds * 16000)] for i in range(b)])
         x = jnp.asarray(codec.pad(x_np)[0])
         t = time.perf_counter()
