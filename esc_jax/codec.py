@@ -58,8 +58,9 @@ def _tokens(x):
   return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-class Encoder(nn.Module):
-  """PatchEmbed -> pre_nn -> len(h_dims)-1 downscaling layers (Swin or convolution)."""
+class _Backbone(nn.Module):
+  """The fields of `Encoder` and `Decoder` (the Decoder's h_dims and swin_heads in its own
+  order: bottom scale first)."""
   in_dim: int
   h_dims: Sequence[int]
   patch_size: Sequence[int]
@@ -71,6 +72,10 @@ class Encoder(nn.Module):
   backbone: str = "transformer"
   kernel_size: Sequence[int] = (5, 2)  # convolution backbone
   conv_depth: int = 1  # residual units per convolution layer
+
+
+class Encoder(_Backbone):
+  """PatchEmbed -> pre_nn -> len(h_dims)-1 downscaling layers (Swin or convolution)."""
 
   @nn.compact
   def __call__(self, feat, train: bool = False):
@@ -99,19 +104,9 @@ class Encoder(nn.Module):
     return enc_hs
 
 
-class Decoder(nn.Module):
-  """Upscaling layers (reversed h_dims), post_nn and PatchDeEmbed (Swin or convolution)."""
-  in_dim: int
-  h_dims: Sequence[int]  # decoder order: bottom (largest) first
-  patch_size: Sequence[int]
-  swin_heads: Sequence[int]  # decoder order
-  swin_depth: int
-  window_size: int
-  mlp_ratio: float
-  dtype: Any = jnp.float32
-  backbone: str = "transformer"
-  kernel_size: Sequence[int] = (5, 2)  # convolution backbone
-  conv_depth: int = 1
+class Decoder(_Backbone):
+  """Upscaling layers (h_dims in decoder order, bottom scale first), post_nn and
+  PatchDeEmbed (Swin or convolution)."""
 
   def setup(self):
     h = self.h_dims
