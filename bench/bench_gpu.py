@@ -23,9 +23,11 @@ float32). Bytes are XLA's count for the compiled programs, which leaves the
 library calls out too: "% BW" (over the measured copy bandwidth) is a lower bound.
 Each row is printed (and appended to --out) as soon as it is measured; a row
 that fails prints its error and the others still run. A compile cannot be
-interrupted from Python: on a lease, run the bfloat16 train rows in a call of
-their own under `timeout` (on an H200 with jax 0.11.2 the bf16 step had not
-compiled after ~5 min, the float32 one took 2 min).
+interrupted from Python: where time is short, run the bfloat16 train rows in a
+process of their own under `timeout`, e.g.
+  timeout 300 python bench/bench_gpu.py --dtypes bfloat16 --skip peak,infer --out rows.jsonl
+(on an H200 with jax 0.11.2 the bf16 step had not compiled after ~5 min; the
+float32 one took 2 min).
 """
 from __future__ import annotations
 
