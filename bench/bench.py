@@ -57,7 +57,8 @@ def dot_peak(n: int = 2048, repeats: int = 10) -> float:
 
 def infer_rows(codec, repeats: int) -> list[dict]:
   """encode + decode, whole signal, at (10 s, 9 kbps), (10 s, 1.5 kbps), (60 s, 9 kbps)."""
-  from bench_codec import speech, timed, xla_cost
+  from bench_codec import speech, timed
+  from esc_jax.train_lib import xla_cost
   rows = []
   for seconds, streams in ((10, 6), (10, 1), (60, 6)):
     x = speech(seconds)[None]

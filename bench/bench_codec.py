@@ -94,17 +94,6 @@ def make_codec(params_kind: str):
   return Codec(model, params, {"model": ESC_BASE})
 
 
-def xla_cost(stage, key: str = "flops") -> float:
-  """XLA's cost analysis entry `key` ("flops", "bytes accessed") of a lowered or compiled program.
-
-  FLOP of a lowered (not yet compiled) program are the same on every platform; a
-  compiled GPU program's counts leave out its cuBLAS/cuDNN calls.
-  """
-  ca = stage.cost_analysis()
-  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
-  return float(ca.get(key, float("nan")))
-
-
 def timed(fn, repeats: int):
   """(first-call s incl. compile, best of `repeats` wall s, CPU s of that run, last result).
 
@@ -166,6 +155,7 @@ def bench_rtf(codec, seconds_list, repeats, streams):
 def bench_profile(codec, repeats, streams, seconds=10.0):
   import jax
   import jax.numpy as jnp
+  from esc_jax import train_lib
   from esc_jax.codec import ESC
   from esc_jax.layers.attention import TransformerLayer
   from esc_jax.layers.scale import PatchEmbed
@@ -205,7 +195,7 @@ def bench_profile(codec, repeats, streams, seconds=10.0):
   for name, fn, arg in stages:
     # params as an argument, as in Codec (a closure would bake them in as constants)
     j = jax.jit(lambda params, a, fn=fn: fn(a, params))
-    gflop = xla_cost(j.lower(p, arg)) / 1e9
+    gflop = train_lib.xla_cost(j.lower(p, arg)) / 1e9
     _, best, cpu, _ = timed(lambda: jax.block_until_ready(j(p, arg)), repeats)
     rows.append([name, best, cpu, gflop, gflop / cpu if cpu else 0.0])
   return table(f"Stage profile, {seconds:g} s of audio (wall s, best of {repeats}; XLA's FLOP count; "

@@ -47,7 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_codec import random_params, speech, xla_cost  # noqa: E402  (bench/ on the path above)
+from bench_codec import random_params, speech  # noqa: E402  (bench/ on the path above)
+from esc_jax.train_lib import xla_cost  # noqa: E402
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time.")
 flags.DEFINE_list("train_batches", ["36", "max"], "Train batch sizes; 'max': the largest that fits.")

@@ -210,6 +210,15 @@ def make_train_step(model, tx: optax.GradientTransformation, schedule, config, d
 # ---------------------------------------------------------------------------
 
 
+def xla_cost(stage, key: str = "flops") -> float:
+  """XLA's cost-analysis entry `key` ("flops", "bytes accessed") of a lowered or compiled
+  program; NaN where it is missing. FLOP of a lowered program are the same on every
+  platform; a compiled GPU program's counts leave out its cuBLAS/cuDNN calls."""
+  ca = stage.cost_analysis()
+  ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
+  return float(ca.get(key, float("nan")))
+
+
 @dataclasses.dataclass(frozen=True)
 class Program:
   """Everything compiled for one model, recipe, batch shape and mesh (see `build`)."""
@@ -221,7 +230,7 @@ class Program:
   init_variables: Callable  # jitted key -> model variables {"params", maybe "batch_stats"}
   abstract_state: TrainState  # shapes, dtypes and shardings of the state
   compile_s: float  # seconds spent compiling the step (little when loaded from the persistent cache)
-  lowered: Any = None  # the step before compilation (jax.stages.Lowered): see step_flops
+  lowered: Any  # the step before compilation (jax.stages.Lowered): see step_flops
   disc: Any = None  # the discriminator (adversarial recipe) or None
   disc_tx: optax.GradientTransformation | None = None
   init_disc_params: Callable | None = None  # jitted key -> discriminator params
@@ -234,9 +243,7 @@ class Program:
   def step_flops(self) -> float:
     """FLOP of one step: XLA's count of the program before optimisation (the same on every
     platform; a compiled GPU program's count leaves out its cuBLAS/cuDNN calls)."""
-    ca = self.lowered.cost_analysis() if self.lowered is not None else None
-    ca = (ca[0] if isinstance(ca, (list, tuple)) else ca) or {}
-    return float(ca.get("flops", float("nan")))
+    return xla_cost(self.lowered)
 
   @property
   def replicated(self) -> NamedSharding:
