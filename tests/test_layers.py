@@ -136,6 +136,48 @@ def test_dense_vjp_equals_autodiff(n_in, n_out):
     np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=0, atol=1e-5 * np.abs(r).max())
 
 
+def _layer_norm_reference(x, scale, bias, dy):
+  """float64 numpy LayerNorm (eps 1e-5) over the last axis and its VJP."""
+  x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+  xc = x - x.mean(-1, keepdims=True)
+  rstd = 1.0 / np.sqrt((xc * xc).mean(-1, keepdims=True) + 1e-5)
+  xhat = xc * rstd
+  g = dy * scale
+  dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  axes = tuple(range(x.ndim - 1))
+  return xhat * scale + bias, (dx, (dy * xhat).sum(axes), dy.sum(axes))
+
+
+@pytest.mark.parametrize("c", [45, 384])
+def test_layer_norm_and_vjp_equal_float64_reference(c):
+  """layer_norm (its CPU statistics are matrix-vector products) and its hand-written VJP
+  against float64; far-from-zero means check the two-pass variance; bf16 in, float32 out."""
+  import jax.numpy as jnp
+  from esc_jax.layers.common import layer_norm
+  k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(c), 4)
+  x = 3.0 + 2.0 * jax.random.normal(k1, (2, 50, c))
+  scale, bias = 1.0 + jax.random.normal(k2, (c,)), jax.random.normal(k3, (c,))
+  dy = jax.random.normal(k4, (2, 50, c))
+  y, vjp = jax.jit(lambda *a: jax.vjp(layer_norm, *a))(x, scale, bias)
+  y_ref, grads_ref = _layer_norm_reference(x, scale, bias, dy)
+  for a, r in ((y, y_ref), *zip(vjp(dy), grads_ref)):
+    assert a.dtype == jnp.float32 and a.shape == r.shape
+    np.testing.assert_allclose(np.asarray(a), r, rtol=0, atol=2e-6 * np.abs(r).max())
+  y16, vjp16 = jax.vjp(layer_norm, x.astype(jnp.bfloat16), scale, bias)
+  (dx16, _, _) = vjp16(dy)
+  assert y16.dtype == jnp.float32 and dx16.dtype == jnp.bfloat16
+  y_ref16, _ = _layer_norm_reference(np.asarray(x.astype(jnp.bfloat16), np.float32), scale, bias, dy)
+  np.testing.assert_allclose(np.asarray(y16), y_ref16, rtol=0, atol=2e-6 * np.abs(y_ref16).max())
+
+
+def test_layer_norm_statistics_are_dots_on_cpu():
+  """On CPU the per-token means lower to dots, with no reduction left in the forward."""
+  from esc_jax.layers.common import layer_norm
+  x, p = np.ones((4, 100, 45), np.float32), np.ones((45,), np.float32)
+  hlo = jax.jit(layer_norm).lower(x, p, p).as_text()
+  assert hlo.count("dot_general") == 2 and "reduce" not in hlo
+
+
 @pytest.mark.parametrize("hw", [(8, 30), (31, 30)])  # W padded; H and W padded
 def test_window_order_with_padding_equals_grid_order(hw, monkeypatch):
   """A map with padding run in window order (padding carried, norm1 masked) gives the

@@ -186,6 +186,22 @@ class LayerNormParams(nn.Module):
             self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32))
 
 
+def row_mean(t):
+  """(..., C) -> (..., 1): the mean over the last axis.
+
+  On CPU it is a matrix-vector product with 1/C: XLA:CPU's library (YNN) fusions
+  run a reduction over a narrow minor axis (C = 45..384) at a fraction of memory
+  speed and write out every broadcast around it (the mean, 1/std and the scale
+  as full (..., C) arrays); as a dot, what surrounds it fuses into plain loops.
+  That made the ESC-Base train step ~3% and encode + decode ~5% faster. Other
+  platforms reduce.
+  """
+  def by_dot(t):
+    c = t.shape[-1]
+    return jnp.dot(t, jnp.full((c, 1), 1.0 / c, t.dtype), precision=jax.lax.Precision.HIGHEST)
+  return jax.lax.platform_dependent(t, cpu=by_dot, default=lambda t: jnp.mean(t, -1, keepdims=True))
+
+
 @jax.custom_vjp
 def layer_norm(x, scale, bias):
   """`torch.nn.functional.layer_norm` over the last axis, float32 statistics.
@@ -193,23 +209,24 @@ def layer_norm(x, scale, bias):
   x: (..., C); scale, bias: (C,) -> float32 (..., C). Two-pass statistics (mean,
   then the mean squared deviation) as torch computes them; the hand-written
   backward needs two passes over x instead of autodiff's chain of broadcasts.
+  Per-token means are `row_mean`s.
   """
   return _layer_norm_fwd(x, scale, bias)[0]
 
 
 def _layer_norm_fwd(x, scale, bias):
   x32 = x.astype(jnp.float32)
-  xc = x32 - jnp.mean(x32, -1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.mean(xc * xc, -1, keepdims=True) + LN_EPS)
+  xc = x32 - row_mean(x32)
+  rstd = jax.lax.rsqrt(row_mean(xc * xc) + LN_EPS)
   return xc * rstd * scale + bias, (x, scale, rstd)
 
 
 def _layer_norm_bwd(res, dy):
   x, scale, rstd = res
   x32 = x.astype(jnp.float32)
-  xhat = (x32 - jnp.mean(x32, -1, keepdims=True)) * rstd
+  xhat = (x32 - row_mean(x32)) * rstd
   g = dy * scale
-  dx = rstd * (g - jnp.mean(g, -1, keepdims=True) - xhat * jnp.mean(g * xhat, -1, keepdims=True))
+  dx = rstd * (g - row_mean(g) - xhat * row_mean(g * xhat))
   axes = tuple(range(dy.ndim - 1))
   return dx.astype(x.dtype), jnp.sum(dy * xhat, axes), jnp.sum(dy, axes)
 
