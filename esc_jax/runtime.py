@@ -83,8 +83,9 @@ def preload_allocator() -> bool:
 
 
 def preloaded_allocator() -> str | None:
-  """The library `preload_allocator` restarted this process with, or None."""
-  return os.environ.get(_PRELOADED_ENV) or None
+  """The malloc library this process runs with: the one `preload_allocator` restarted it
+  with, else a tcmalloc preloaded by hand (its file name); None for the system malloc."""
+  return os.environ.get(_PRELOADED_ENV) or next((n for n in _TCMALLOC if _mapped(n)), None)
 
 
 def default_cache_dir() -> str | None:

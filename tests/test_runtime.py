@@ -46,9 +46,8 @@ print(json.dumps(dict(lib=runtime.preloaded_allocator(), faults=min(faults))))
 
 
 def _run(script: str, malloc: str, **env) -> tuple[list[str], dict]:
-  env = dict(os.environ, ESC_JAX_MALLOC=malloc, JAX_PLATFORMS="cpu", **env)
-  for k in ("LD_PRELOAD", "ESC_JAX_MALLOC_PRELOADED"):
-    env.pop(k, None)
+  base = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ESC_JAX_MALLOC_PRELOADED")}
+  env = dict(base, ESC_JAX_MALLOC=malloc, JAX_PLATFORMS="cpu", **env)
   out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=300, check=True).stdout.strip().splitlines()
   return out[:-1], json.loads(out[-1])
@@ -58,6 +57,14 @@ def test_restarts_once_with_the_library():
   printed, r = _run(RESTART, STAND_IN)
   assert printed == ["start", "start"]  # the command ran again, once
   assert r == dict(returned=False, ld_preload=STAND_IN, lib=STAND_IN, mapped=True)
+
+
+def test_reports_a_tcmalloc_preloaded_by_hand():
+  """`LD_PRELOAD=.../libtcmalloc_minimal.so.4 python bench/bench.py` labels its rows tcmalloc."""
+  lib = runtime.find_tcmalloc()
+  printed, r = _run(RESTART, "system", LD_PRELOAD=lib or STAND_IN)
+  assert printed == ["start"]
+  assert r["lib"] == (os.path.basename(lib) if lib else None)
 
 
 @pytest.mark.parametrize("malloc", ["system", "/nonexistent/libmalloc.so"])
