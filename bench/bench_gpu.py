@@ -246,17 +246,17 @@ def infer_rows(peak: dict) -> None:
         x_np = np.stack([long[int(i * 0.37 * 16000):][:int(seconds * 16000)] for i in range(b)])
         x = jnp.asarray(codec.pad(x_np)[0])
         t = time.perf_counter()
-        lowered = [codec._encode.lower(codec.variables, x, 6)]  # pylint: disable=protected-access
-        enc = lowered[0].compile()
+        enc_lowered = codec._encode.lower(codec.variables, x, 6)  # pylint: disable=protected-access
+        enc = enc_lowered.compile()
         codes = enc(codec.variables, x)
-        lowered.append(codec._decode.lower(codec.variables, codes))  # pylint: disable=protected-access
-        dec = lowered[1].compile()
+        dec_lowered = codec._decode.lower(codec.variables, codes)  # pylint: disable=protected-access
+        dec = dec_lowered.compile()
         dec(codec.variables, codes).block_until_ready()
         compile_s = time.perf_counter() - t
         run = lambda: dec(codec.variables, enc(codec.variables, x)).block_until_ready()  # noqa: E731
         run()
         s = _median_time(run, FLAGS.repeats)
-        flop = sum(map(xla_cost, lowered))
+        flop = xla_cost(enc_lowered) + xla_cost(dec_lowered)
         nbytes = xla_cost(enc, "bytes accessed") + xla_cost(dec, "bytes accessed")
         ref = peak.get("float32" if dtype == "float32" else "bfloat16", float("nan"))
         row = dict(work="infer", dtype=dtype, batch=b, audio_s=seconds, kbps=codec.kbps(6),
