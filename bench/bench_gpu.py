@@ -27,7 +27,9 @@ interrupted from Python: where time is short, run the bfloat16 train rows in a
 process of their own under `timeout`, e.g.
   timeout 300 python bench/bench_gpu.py --dtypes bfloat16 --skip peak,infer --out rows.jsonl
 (on an H200 with jax 0.11.2 the bf16 step had not compiled after ~5 min; the
-float32 one took 2 min).
+float32 one took 2 min). --planned lets a later process find the largest batch
+from an earlier run's planned memory without compiling a fixed batch again:
+  python bench/bench_gpu.py --dtypes float32 --skip infer --train_batches max --planned float32:36:39.1
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ flags.DEFINE_integer("steps", 10, "Timed train steps (after 2 untimed).")
 flags.DEFINE_integer("repeats", 10, "Timed inference calls (median).")
 flags.DEFINE_float("mem_fill", 0.9, "Share of the device memory limit that the 'max' batch may plan for.")
 flags.DEFINE_integer("max_batch_multiple", 4, "The 'max' batch is a multiple of this.")
+flags.DEFINE_list("planned", [], "DTYPE:BATCH:GB, the planned memory of a train batch from an earlier run, "
+                  "so that 'max' needs no fixed batch of that dtype timed first (e.g. float32:36:39.1).")
 flags.DEFINE_string("out", "", "Append each row as a JSON line to this file.")
 flags.DEFINE_bool("json", False, "Print JSON lines only (no table).")
 flags.DEFINE_string("skip", "", "Comma-separated: peak,train,infer.")
@@ -66,6 +70,7 @@ flags.DEFINE_string("trace", "", "Write a jax.profiler trace of two steps of the
 FLAGS = flags.FLAGS
 
 CLIP_SAMPLES = 47920  # 3 s, the reference's training clip
+_traced = False  # --trace covers the first train row only
 
 
 def _emit(row: dict) -> dict:
@@ -146,6 +151,7 @@ def _mem_bytes(compiled) -> float:
 
 def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
   """Times the real train step; returns (row, bytes of device memory the step plans for)."""
+  global _traced
   import jax
   from esc_jax import train_lib
   program = train_lib.build(_config(batch, dtype))
@@ -162,7 +168,8 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
     state, m = program.step(state, batches[i % 2])
     m = jax.device_get(m)
   dt = (time.perf_counter() - t) / FLAGS.steps
-  if FLAGS.trace and not os.path.isdir(FLAGS.trace):  # the first train row only
+  if FLAGS.trace and not _traced:
+    _traced = True
     with jax.profiler.trace(FLAGS.trace):
       for i in range(2):
         state, m = program.step(state, batches[i])
@@ -302,6 +309,9 @@ def main(argv):
   # The quickest and surest rows first: the first dtype's fixed batches, inference, the other
   # dtypes' fixed batches (XLA:GPU took over 5 min to compile the bf16 step on an H200), "max".
   planned = {}  # dtype -> {batch: planned bytes}
+  for item in FLAGS.planned:
+    dtype, batch, gb = item.split(":")
+    planned.setdefault(dtype, {})[int(batch)] = float(gb) * 1e9
   train = "train" not in skip
   if train:
     train_rows(peak, planned, False, FLAGS.dtypes[:1])
