@@ -47,6 +47,7 @@ def main(argv):
   _quiet_libraries()
   from esc_jax import runtime  # after flag parsing; imports jax lazily
   runtime.preload_allocator()
+  runtime.gpu_gemm_flags(FLAGS.config.train.compute_dtype)
   runtime.maybe_initialize_distributed()
   runtime.enable_compile_cache(FLAGS.compile_cache or None)
   import jax

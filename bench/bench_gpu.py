@@ -26,8 +26,10 @@ that fails prints its error and the others still run. A compile cannot be
 interrupted from Python: where time is short, run the bfloat16 train rows in a
 process of their own under `timeout`, e.g.
   timeout 300 python bench/bench_gpu.py --dtypes bfloat16 --skip peak,infer --out rows.jsonl
-(on an H200 with jax 0.11.2 the bf16 step had not compiled after ~5 min; the
-float32 one took 2 min). --planned lets a later process find the largest batch
+A process given only bfloat16 turns XLA:GPU's Triton matmuls off as train.py does
+for bfloat16 compute (`runtime.gpu_gemm_flags`): on an H200 with jax 0.11.2 the
+bf16 step compiled in ~95 s that way, and had not compiled after ~5 min with them;
+the float32 step takes ~2 min at batch 36 and over ~4 min at the largest batch. --planned lets a later process find the largest batch
 from an earlier run's planned memory without compiling a fixed batch again:
   python bench/bench_gpu.py --dtypes float32 --skip infer --train_batches max --planned float32:36:39.1
 """
@@ -294,10 +296,13 @@ def main(argv):
   import jax
   from esc_jax import runtime
   runtime.enable_compile_cache(None)  # off: every compile_s is a cold compile
+  if FLAGS.dtypes == ["bfloat16"]:  # as train.py does for bfloat16 compute
+    runtime.gpu_gemm_flags("bfloat16")
   skip = set(filter(None, FLAGS.skip.split(",")))
   d = jax.devices()[0]
   print(f"jax {jax.__version__} on {len(jax.devices())} x {d.device_kind} ({jax.default_backend()}), "
-        f"memory limit {(d.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.1f} GB", flush=True)
+        f"memory limit {(d.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.1f} GB, "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   peak = {}
   if "peak" not in skip:
     peak = peaks()

@@ -85,3 +85,26 @@ def test_tcmalloc_reuses_pages():
     assert fast["lib"] is None and fast["faults"] > pages // 2
   else:
     assert "tcmalloc" in fast["lib"] and fast["faults"] < pages // 100
+
+
+@pytest.mark.parametrize("dtype, before, after", [
+    ("bfloat16", None, "--xla_gpu_enable_triton_gemm=false"),
+    ("bfloat16", "--xla_cpu_use_thunk_runtime=true", "--xla_cpu_use_thunk_runtime=true --xla_gpu_enable_triton_gemm=false"),
+    ("bfloat16", "--xla_gpu_enable_triton_gemm=true", "--xla_gpu_enable_triton_gemm=true"),  # the user's choice stands
+    ("float32", None, None),
+])
+def test_gpu_gemm_flags(monkeypatch, dtype, before, after):
+  if before is None:
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+  else:
+    monkeypatch.setenv("XLA_FLAGS", before)
+  assert runtime.gpu_gemm_flags(dtype) == (after != before)
+  assert os.environ.get("XLA_FLAGS") == after
+
+
+def test_gpu_gemm_flag_is_accepted_on_cpu():
+  """XLA aborts on flags it does not know; this one must be known to the CPU build too."""
+  env = {**os.environ, "XLA_FLAGS": "--xla_gpu_enable_triton_gemm=false"}
+  out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+                       env=env, capture_output=True, text=True, timeout=120, check=True)
+  assert out.stdout.strip() == "3.0"
