@@ -331,6 +331,14 @@ def test_step_flops_counts_the_whole_step(program):
   assert 0.4 * program.step_flops < small < 0.6 * program.step_flops
 
 
+def test_step_flops_where_the_backend_has_no_lowered_cost_analysis(program, monkeypatch):
+  """Behind the PJRT C API (jax's CUDA plugin) `Lowered.cost_analysis` is None; the count
+  then comes from XLA:CPU's analysis of the same HLO and equals the direct one."""
+  direct = program.step_flops
+  monkeypatch.setattr(jax.stages.Lowered, "cost_analysis", lambda self: None)
+  assert program.step_flops == direct > 0
+
+
 def test_wandb_project_and_epoch_validation_interval(tmp_path, monkeypatch):
   """--config.log.wandb_project=NAME reaches wandb.init; eval.every_steps=0 means once per epoch."""
   import types
