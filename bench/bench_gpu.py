@@ -29,8 +29,9 @@ process of their own under `timeout`, e.g.
 A process given only bfloat16 turns XLA:GPU's Triton matmuls off as train.py does
 for bfloat16 compute (`runtime.gpu_gemm_flags`): on an H200 with jax 0.11.2 the
 bf16 step compiled in ~95 s that way, and had not compiled after ~5 min with them;
-the float32 step takes ~2 min at batch 36 and over ~4 min at the largest batch. --planned lets a later process find the largest batch
-from an earlier run's planned memory without compiling a fixed batch again:
+the float32 step takes ~2 min at batch 36 and over ~4 min at the largest batch.
+--planned lets a later process find the largest batch from an earlier run's
+planned memory without compiling a fixed batch again:
   python bench/bench_gpu.py --dtypes float32 --skip infer --train_batches max --planned float32:36:39.1
 """
 from __future__ import annotations
