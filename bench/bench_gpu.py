@@ -68,8 +68,9 @@ flags.DEFINE_list("planned", [], "DTYPE:BATCH:GB, the planned memory of a train 
 flags.DEFINE_string("out", "", "Append each row as a JSON line to this file.")
 flags.DEFINE_bool("json", False, "Print JSON lines only (no table).")
 flags.DEFINE_string("skip", "", "Comma-separated: peak,train,infer.")
-flags.DEFINE_string("trace", "", "Write a jax.profiler trace of two steps of the first train row here "
-                    "(per-kernel times for offline reading: its plugins/profile/*/*.trace.json.gz opens in Perfetto).")
+flags.DEFINE_string("trace", "", "Write a jax.profiler trace of two steps of the first train row here and print "
+                    "its kernel summary (kernels per step, busy share, top kernels); the trace is copied to "
+                    "DIR/train_step.trace.json.gz (opens in Perfetto).")
 FLAGS = flags.FLAGS
 
 CLIP_SAMPLES = 47920  # 3 s, the reference's training clip
@@ -177,6 +178,10 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
       for i in range(2):
         state, m = program.step(state, batches[i])
         m = jax.device_get(m)
+    try:
+      print(kernel_summary(FLAGS.trace, steps=2, step_s=dt), flush=True)
+    except Exception as e:  # noqa: BLE001 - the row stands without its summary
+      print(f"trace summary failed: {_one_line(e)}", flush=True)
   if not np.isfinite(float(m["loss"])):
     raise FloatingPointError(f"train loss is {float(m['loss'])}")
   flop, nbytes = program.step_flops, xla_cost(program.step, "bytes accessed")
@@ -189,6 +194,50 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
   del state, batches, program
   gc.collect()
   return row, mem
+
+
+def kernel_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> str:
+  """Reads the newest jax.profiler trace under `trace_dir`, copies it to
+  `trace_dir/train_step.trace.json.gz` (a flat path) and summarises its kernels per step:
+  their count and summed time against the step's wall time (a busy share well under
+  100% means the device waits between kernels), the time in matmul/convolution library
+  calls, and the `top` kernels by time. Kernels: the device's stream lines (GPU), else
+  XLA:CPU's thunks on its worker threads (which run in parallel: shares can pass 100%)."""
+  import collections
+  import glob
+  import gzip
+  import shutil
+  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")),
+                 key=os.path.getmtime)
+  if not files:
+    return f"no trace under {trace_dir}"
+  shutil.copyfile(files[-1], os.path.join(trace_dir, "train_step.trace.json.gz"))
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  meta = {(e["pid"], e.get("tid"), e["name"]): e["args"]["name"] for e in events
+          if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
+  device_pids = {pid for (pid, _, n), v in meta.items() if n == "process_name" and v.startswith("/device:")}
+  threads = {(pid, tid): v for (pid, tid, n), v in meta.items() if n == "thread_name"}
+  lines = {k for k, v in threads.items() if k[0] in device_pids and v.startswith("Stream")} or {
+      k for k, v in threads.items() if k[0] in device_pids and not v.startswith(("XLA", "Steps", "Framework"))}
+  if not device_pids:
+    lines = {k for k, v in threads.items() if "XLA" in v}
+  kernels = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in lines
+             and (device_pids or "::" not in e["name"])]  # CPU: thunks, not the executor around them
+  total, per_name = 0.0, collections.defaultdict(lambda: [0.0, 0])
+  for e in kernels:
+    total += e["dur"]
+    per_name[e["name"]][0] += e["dur"]
+    per_name[e["name"]][1] += 1
+  lib = sum(t for n, (t, _) in per_name.items()
+            if any(k in n.lower() for k in ("gemm", "xmma", "cutlass", "cublas", "conv", "cudnn", "dot")))
+  ms = 1e-3 / steps  # trace microseconds -> ms per step
+  out = [f"trace: {len(kernels) / steps:.0f} kernels per step, {total * ms:.1f} ms of kernel time per step "
+         f"({100 * total * ms / (step_s * 1e3):.0f}% of the {step_s * 1e3:.1f} ms step), "
+         f"{100 * lib / max(total, 1):.0f}% of it in matmul/convolution calls; top kernels:"]
+  for name, (t, n) in sorted(per_name.items(), key=lambda kv: -kv[1][0])[:top]:
+    out.append(f"  {t * ms:8.2f} ms {100 * t / max(total, 1):5.1f}% {n / steps:5.0f}x  {name[:110]}")
+  return "\n".join(out)
 
 
 def max_batch(mem36: float, batch36: int, limit: float) -> int:
