@@ -218,17 +218,20 @@ def kernel_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> 
           if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
   device_pids = {pid for (pid, _, n), v in meta.items() if n == "process_name" and v.startswith("/device:")}
   threads = {(pid, tid): v for (pid, tid, n), v in meta.items() if n == "thread_name"}
-  lines = {k for k, v in threads.items() if k[0] in device_pids and v.startswith("Stream")} or {
-      k for k, v in threads.items() if k[0] in device_pids and not v.startswith(("XLA", "Steps", "Framework"))}
-  if not device_pids:
+  if device_pids:  # the stream lines, else every device line but XLA's op/module/step annotations
+    device = {k: v for k, v in threads.items() if k[0] in device_pids}
+    lines = {k for k, v in device.items() if v.startswith("Stream")} or {
+        k for k, v in device.items() if not v.startswith(("XLA", "Steps", "Framework"))}
+    is_kernel = lambda name: True  # noqa: E731
+  else:  # XLA:CPU's worker threads: the thunks, not the executor calls around them
     lines = {k for k, v in threads.items() if "XLA" in v}
-  kernels = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in lines
-             and (device_pids or "::" not in e["name"])]  # CPU: thunks, not the executor around them
-  total, per_name = 0.0, collections.defaultdict(lambda: [0.0, 0])
+    is_kernel = lambda name: "::" not in name  # noqa: E731
+  kernels = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in lines and is_kernel(e["name"])]
+  per_name = collections.defaultdict(lambda: [0.0, 0])
   for e in kernels:
-    total += e["dur"]
     per_name[e["name"]][0] += e["dur"]
     per_name[e["name"]][1] += 1
+  total = sum(t for t, _ in per_name.values())
   lib = sum(t for n, (t, _) in per_name.items()
             if any(k in n.lower() for k in ("gemm", "xmma", "cutlass", "cublas", "conv", "cudnn", "dot")))
   ms = 1e-3 / steps  # trace microseconds -> ms per step
