@@ -3,7 +3,7 @@
   python eval.py --checkpoint DIR --data FOLDER [--num_streams all|1..6]
       [--batch_size 8] [--output ./eval_results] [--max_files N] [--step latest|best|N]
       [--fit crop|pad] [--channel first|mean] [--bucket_growth G]
-      [--metrics pesq,stoi,mel_distance,si_sdr]
+      [--metrics pesq,stoi,mel_distance,si_sdr] [--compile_cache default|DIR|'']
 
 The defaults reproduce the original's test protocol (scripts/test.py: each
 file's first channel without its last 80 samples, cut to a valid length), so
@@ -74,13 +74,20 @@ def parse_args(argv=None):
   p.add_argument("--metrics", default="pesq,stoi,mel_distance,si_sdr",
                  help="comma-separated subset of pesq,stoi,mel_distance,si_sdr")
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
+  p.add_argument("--compile_cache", default="default",
+                 help="persistent XLA compilation cache folder ('default': $ESC_JAX_CACHE or "
+                      "~/.cache/esc_jax/xla; '' disables): a rerun on the same shapes skips compiling")
   args = p.parse_args(argv)
   args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
   return args
 
 
 def main(argv=None) -> int:
+  """Command-line entry point; `argv` None = sys.argv (and the on-disk compile cache)."""
   args = parse_args(argv)
+  if argv is None:
+    from esc_jax import runtime
+    runtime.enable_compile_cache(args.compile_cache or None)
   from esc_jax import evaluation
   from esc_jax.api import load
   from esc_jax.audio_io import AUDIO_EXTENSIONS, find_audio_files

@@ -238,22 +238,33 @@ class CodecBase(nn.Module):
     """A concrete stream count as an int in 1..max_streams; a traced one as is."""
     return check_num_streams(s, self.max_streams, traced_ok=True)
 
-  def _check_codes(self, codes) -> int:
-    """The stream count of codes (B, s, group_size, T'); ValueError outside 1..max_streams."""
+  def _check_codes(self, codes, num_streams=None):
+    """The streams to decode from codes (B, s, group_size, T'): s (ValueError outside
+    1..max_streams), or `num_streams` (a Python or traced int) where s = max_streams."""
     s = codes.shape[1]
     if not 1 <= s <= self.max_streams:
       raise ValueError(f"codes carry {s} streams; expected 1..{self.max_streams}")
-    return s
+    if num_streams is None:
+      return s
+    if s != self.max_streams:
+      raise ValueError(f"decoding the first num_streams streams needs codes of all {self.max_streams} "
+                       f"streams, got {s}")
+    return self._check_streams(num_streams)
 
-  # ---- decoding (each variant defines `_decode`: codes -> (decoder maps, features, audio)) ----
+  # ---- decoding (each variant defines `_decode`: codes, streams -> (decoder maps, features, audio)) ----
   def decode_features(self, codes):
     """codes (B, s, group_size, T') -> (decoder token maps, recon_feat (B, 2, F, 4T'))."""
     dec_hs, feat, _ = self._decode(codes)
     return [_tokens(h) for h in dec_hs], feat
 
-  def decode(self, codes):
-    """codes (B, s, group_size, T') -> (B, frames_to_samples(T')) audio."""
-    return self._decode(codes)[2]
+  def decode(self, codes, num_streams=None):
+    """codes (B, s, group_size, T') -> (B, frames_to_samples(T')) audio.
+
+    num_streams: None decodes all s streams; an int (Python or traced) decodes the
+    first num_streams of codes that carry all max_streams streams, so one program
+    serves every bitrate, bit-identical to `decode(codes[:, :num_streams])`.
+    """
+    return self._decode(codes, num_streams)[2]
 
   def _backbone(self):
     """(encoder, decoder) of this configuration."""
@@ -396,9 +407,9 @@ class ESC(CodecBase):
     _, outs = self.cross_scale(self._code_stream, num_streams, self._analyse(x)[1], full=False)
     return jnp.stack([o["codes"] for o in outs], 1)
 
-  def _decode(self, codes):
+  def _decode(self, codes, num_streams=None):
     """codes (B, s, group_size, T') -> (decoder maps, recon_feat (B, 2, F, 4T'), audio)."""
-    s = self._check_codes(codes)
+    s = self._check_codes(codes, num_streams)
     dec_hs, _ = self.cross_scale(lambda i, _: dict(z_q=self.quantizers[i].decode(codes[:, i])), s)
     return (dec_hs, *self._synthesise(dec_hs[-1]))
 
@@ -470,10 +481,10 @@ class RVQCodec(CodecBase):
     num_streams = self._check_streams(num_streams)
     return self.quantizers.encode(self._analyse(x)[1][-1], num_streams)
 
-  def _decode(self, codes):
+  def _decode(self, codes, num_streams=None):
     """codes (B, s, group_size, T') -> (decoder maps, recon_feat (B, 2, F, 4T'), audio)."""
-    self._check_codes(codes)
-    return self._decode_map(self.quantizers.decode(codes))
+    self._check_codes(codes, num_streams)
+    return self._decode_map(self.quantizers.decode(codes, num_streams))
 
   def round_trip(self, x, num_streams):
     """`encode(x, s)` then `decode` with s traced: one program serves every bitrate.

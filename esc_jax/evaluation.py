@@ -20,17 +20,21 @@ Exactness and batching:
   codec's valid length (as `Codec.reconstruct` does) and trimmed back.
 - Files are read as their first channel (`channel="first"`, the original's)
   or as the mean of their channels (`channel="mean"`, as the CLI codes them).
-- One jitted program per batch shape does encode, decode and the masked
-  metrics for every bitrate: the number of streams is a traced argument and
-  untransmitted streams leave the decoder state untouched (`jnp.where`), so
-  audio and codes are bit-identical to `Codec.encode` + `Codec.decode`.
-  Matmuls run at "highest" precision (no TF32/bf16 passes on accelerators).
+- Each batch is encoded once, with every stream, and decoded once per
+  bitrate from the first s streams' codes (a stream's codes do not depend on
+  the streams after it); one jitted decode program per batch shape, with the
+  masked metrics, serves every bitrate: the number of streams is a traced
+  argument and untransmitted streams leave the decoder state untouched
+  (`jnp.where`). A single bitrate runs one program, encode and decode fused
+  (`round_trip`). Audio and codes are bit-identical to `Codec.encode` +
+  `Codec.decode` either way. Matmuls run at "highest" precision (no TF32/bf16
+  passes on accelerators).
 - Clips are sorted by length and batched with clips of the same padded
   length; the batch axis is filled up with silent rows (batch items are
   independent, so this is exact). With the default `bucket_growth=None`
   the padded length is each clip's own valid length, so every per-file value
   equals that of `Codec.reconstruct` on the clip alone. A test set of
-  equal-length clips gives one shape, i.e. one compile per bitrate.
+  equal-length clips gives one shape, i.e. one compile of each program.
 - `bucket_growth=g` (e.g. 1.25) instead pads to the next length on a fixed
   geometric grid of code frames (ratio g), so a set of varied lengths needs
   only ~log(max/min)/log(g) shapes. This is fast but approximate: the Swin
@@ -107,16 +111,34 @@ def load_clips(items, channel: str = "first") -> tuple[list[str], list[np.ndarra
   return names, clips, skipped
 
 
+# The jitted steps compile once per (model, batch shape): every Codec of a model
+# (e.g. one per validation during training) reuses the compiled programs.
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_step(model, variables, x, lengths, num_streams):
-  """Round trip of a padded batch and its masked mel distance and SI-SDR.
-
-  Jitted once per (model, batch shape): every Codec of a model (e.g. one per
-  validation during training) reuses the compiled program.
-  """
+  """Round trip of a padded batch (B, L) at `num_streams` streams: (codes (B, max_streams,
+  G, T'), of which the first num_streams are the transmitted ones, audio (B, L), and
+  the masked mel distance and SI-SDR (B,))."""
   with jax.default_matmul_precision("highest"):
     codes, y = model.apply(variables, x, num_streams, method="round_trip")
     return codes, y, M.mel_distance(x, y, lengths), M.si_sdr(x, y, lengths)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_step(model, variables, x):
+  """Codes (B, max_streams, G, T') of every stream of a padded batch (B, L)."""
+  with jax.default_matmul_precision("highest"):
+    return model.apply(variables, x, model.max_streams, method="encode")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_step(model, variables, codes, x, lengths, num_streams):
+  """Audio (B, L) decoded from the first `num_streams` of every stream's codes, and its
+  masked mel distance and SI-SDR (B,) against the batch x."""
+  with jax.default_matmul_precision("highest"):
+    y = model.apply(variables, codes, num_streams, method="decode")
+    return y, M.mel_distance(x, y, lengths), M.si_sdr(x, y, lengths)
 
 
 # ---------------------------------------------------------------------------
@@ -243,27 +265,25 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
 
   from tqdm import tqdm
   bar = tqdm(total=len(batches) * len(streams), disable=not progress, unit="batch", file=sys.stderr)
-  results = []
-  for s in streams:
-    kbps = codec.kbps(s)
-    bar.set_description(f"{kbps:g} kbps")
-    per_file = {m: [math.nan] * len(keep) for m in metrics}
-    codes_all = []
-    for b in batches:
-      out = _run_batch(codec, [keep[i] for i in b.indices], b, s, metrics)
+  per_file = {s: {m: [math.nan] * len(keep) for m in metrics} for s in streams}
+  codes_all = {s: [] for s in streams}
+  for b in batches:
+    for s, out in zip(streams, _run_batch(codec, [keep[i] for i in b.indices], b, streams, metrics)):
       for m in metrics:
         for i, v in zip(b.indices, out[m]):
-          per_file[m][i] = float(v)
-      codes_all += out["codes"]
+          per_file[s][m][i] = float(v)
+      codes_all[s] += out["codes"]
       bar.update(1)
-    codes = np.concatenate(codes_all, axis=-1)[None]  # (1, s, groups, sum of frames)
+  bar.close()
+  results = []
+  for s in streams:
+    codes = np.concatenate(codes_all[s], axis=-1)[None]  # (1, s, groups, sum of frames)
     results.append({
-        "num_streams": s, "kbps": kbps, "num_files": len(keep),
-        **{k: {m: _summary(per_file[m])[k] for m in metrics} for k in ("mean", "std", "count")},
+        "num_streams": s, "kbps": codec.kbps(s), "num_files": len(keep),
+        **{k: {m: _summary(per_file[s][m])[k] for m in metrics} for k in ("mean", "std", "count")},
         "utilization": M.bitrate_utilization(codes, codec.codebook_size, decimals=4),
         "utilization_exact": M.bitrate_utilization(codes, codec.codebook_size),
-        "per_file": per_file})
-  bar.close()
+        "per_file": per_file[s]})
   return {
       "sample_rate": SAMPLE_RATE, "metrics": list(metrics), "fit": fit, "channel": channel,
       "batch_size": batch_size,
@@ -282,24 +302,36 @@ def _streams(codec, num_streams) -> list[int]:
   return [check_num_streams(s, codec.max_streams) for s in streams]
 
 
-def _run_batch(codec, clips: list[np.ndarray], batch: Batch, s: int, metrics) -> dict:
-  """Codec round trip of one batch and the metrics of its real rows."""
+def _run_batch(codec, clips: list[np.ndarray], batch: Batch, streams: list[int], metrics) -> list[dict]:
+  """Codec round trips of one batch at each stream count in `streams`, and the metrics
+  of its real rows: one dict per stream count."""
   k = len(clips)
   x = np.zeros((batch.rows, batch.length), np.float32)
   n = np.full(batch.rows, batch.length, np.int32)  # filler rows: full length
   for i, c in enumerate(clips):
     x[i, :c.shape[0]] = c
     n[i] = c.shape[0]
-  codes, y, mel, sdr = jax.device_get(_eval_step(codec.model, codec.variables, x, n, np.int32(s)))
-  out: dict[str, Any] = {"codes": [codes[i, :s, :, :codec.num_frames(int(n[i]))] for i in range(k)],
-                         "mel_distance": mel[:k], "si_sdr": sdr[:k]}
-  refs = [x[i, :n[i]] for i in range(k)]
-  ests = [y[i, :n[i]] for i in range(k)]
-  if "pesq" in metrics:
-    out["pesq"] = [M.pesq_wb(r, e)[0] for r, e in zip(refs, ests)]
-  if "stoi" in metrics:
-    out["stoi"] = [M.stoi(r, e)[0] for r, e in zip(refs, ests)]
-  return out
+  model, variables = codec.model, codec.variables
+  if len(streams) == 1:
+    codes, *rest = _eval_step(model, variables, x, n, np.int32(streams[0]))
+    runs = [rest]
+  else:
+    codes = _encode_step(model, variables, x)
+    runs = [_decode_step(model, variables, codes, x, n, np.int32(s)) for s in streams]
+  codes = jax.device_get(codes)
+  outs = []
+  for s, run in zip(streams, runs):
+    y, mel, sdr = jax.device_get(run)
+    out: dict[str, Any] = {"codes": [codes[i, :s, :, :codec.num_frames(int(n[i]))] for i in range(k)],
+                           "mel_distance": mel[:k], "si_sdr": sdr[:k]}
+    refs = [x[i, :n[i]] for i in range(k)]
+    ests = [y[i, :n[i]] for i in range(k)]
+    if "pesq" in metrics:
+      out["pesq"] = [M.pesq_wb(r, e)[0] for r, e in zip(refs, ests)]
+    if "stoi" in metrics:
+      out["stoi"] = [M.stoi(r, e)[0] for r, e in zip(refs, ests)]
+    outs.append(out)
+  return outs
 
 
 # ---------------------------------------------------------------------------

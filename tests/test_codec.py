@@ -116,15 +116,22 @@ def test_train_forward_one_program_all_bitrates(tiny, golden):
 
 
 def test_round_trip_equals_encode_then_decode(codec, golden):
-  """The traced-bitrate round trip (one program) is bit-identical to encode + decode."""
+  """The traced-bitrate round trip (one program) is bit-identical to encode + decode, and
+  so is decoding the first s streams of all six streams' codes with a traced s: a
+  stream's codes do not depend on the streams after it."""
   model, params = codec.model, codec.params
   fn = jax.jit(lambda p, x, s: model.apply({"params": p}, x, s, method=ESC.round_trip))
+  decode_first = jax.jit(lambda p, c, s: model.apply({"params": p}, c, s, method=ESC.decode))
   x = golden["audio"]
+  all_codes = codec.encode(x, 6)
   for s in STREAMS:
     codes, audio_rt = jax.device_get(fn(params, x, jnp.int32(s)))
     ref_codes = codec.encode(x, s)
     np.testing.assert_array_equal(codes[:, :s], ref_codes)
-    np.testing.assert_array_equal(audio_rt, codec.decode(ref_codes))
+    np.testing.assert_array_equal(all_codes[:, :s], ref_codes)
+    ref_audio = codec.decode(ref_codes)
+    np.testing.assert_array_equal(audio_rt, ref_audio)
+    np.testing.assert_array_equal(decode_first(params, all_codes, jnp.int32(s)), ref_audio)
 
 
 @functools.lru_cache(maxsize=None)
@@ -195,6 +202,12 @@ def test_invalid_arguments(tiny, golden):
     encode(golden["audio"], 7)
   with pytest.raises(ValueError, match="multiple of overlap"):
     encode(golden["audio"][:, :15760], 6)
+  decode = lambda c, s: jax.eval_shape(lambda p, c: model.apply({"params": p}, c, s, method=ESC.decode), params, c)
+  assert decode(np.zeros((1, 6, 3, 50), np.int32), 2).shape == (1, 15920)
+  with pytest.raises(ValueError, match="needs codes of all 6 streams, got 3"):
+    decode(np.zeros((1, 3, 3, 50), np.int32), 2)
+  with pytest.raises(ValueError, match="num_streams"):
+    decode(np.zeros((1, 6, 3, 50), np.int32), 7)
   with pytest.raises(ValueError, match="unknown ESC model keyword"):
     make_model(dict(ESC_BASE, bogus=1))
   # Lengths are checked when the model is made, before any tracing.

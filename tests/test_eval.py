@@ -74,7 +74,8 @@ def test_pipeline_reproduces_original_metrics(codec, golden, tmp_path):
   assert [r["per_file"]["si_sdr"] for r in again["bitrates"]] == [
       res["bitrates"][1]["per_file"]["si_sdr"], res["bitrates"][5]["per_file"]["si_sdr"]]
   # fit="crop" (the default) is the original's protocol: x[:-80] (here exactly the
-  # fixture's input), cut to a valid length.
+  # fixture's input), cut to a valid length. (A single bitrate runs the fused round-trip
+  # program instead of encode once + decode per bitrate: the same numbers.)
   longer = np.pad(golden["audio"], ((0, 0), (0, 80)))
   crop = evaluation.evaluate(codec, list(longer), num_streams=6, batch_size=2,
                              metrics=("mel_distance",), progress=False)
@@ -152,8 +153,10 @@ def test_cli_end_to_end(tiny_codec_dir, tmp_path):
   proc = subprocess.run(
       [sys.executable, str(ROOT / "eval.py"), "--checkpoint", str(tiny_codec_dir), "--data", str(data),
        "--output", str(out), "--max_files", "4", "--batch_size", "2",
-       "--no_progress"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+       "--no_progress", "--compile_cache", str(tmp_path / "xla")], capture_output=True, text=True, cwd=ROOT,
+      timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  assert any((tmp_path / "xla").iterdir())  # the compiled programs, for a rerun
   res = json.loads((out / "results.json").read_text())
   assert (out / "metrics.png").stat().st_size > 1000
   assert res["num_files"] == 3 and res["num_skipped"] == 1
@@ -163,7 +166,7 @@ def test_cli_end_to_end(tiny_codec_dir, tmp_path):
       "a.wav": 15600, "b.flac": 15600, "c.wav": 15600}
   assert res["fit"] == "crop" and res["channel"] == "first"
   assert [r["kbps"] for r in res["bitrates"]] == pytest.approx([0.9 * s for s in range(1, 7)])
-  assert res["shapes"] == [[2, 15600]]  # one valid length: one compiled program for all bitrates
+  assert res["shapes"] == [[2, 15600]]  # one valid length: one encode and one decode program for all bitrates
   for r in res["bitrates"]:
     for m in ("pesq", "stoi", "mel_distance", "si_sdr"):
       assert np.isfinite(r["mean"][m]) and np.isfinite(r["std"][m]) and len(r["per_file"][m]) == 3
