@@ -27,10 +27,12 @@ from esc_jax.codec import check_num_streams, make_model
 
 @functools.lru_cache(maxsize=8)
 def _compiled(model):
-  """Jitted (encode, decode) of a model definition, shared by every Codec of that model."""
+  """Jitted (encode, decode, round trip) of a model definition, shared by every Codec of
+  that model."""
   encode = jax.jit(lambda v, x, s: model.apply(v, x, s, method="encode"), static_argnums=2)
   decode = jax.jit(lambda v, c: model.apply(v, c, method="decode"))
-  return encode, decode
+  round_trip = jax.jit(lambda v, x, s: model.apply(v, x, s, method="round_trip")[1], static_argnums=2)
+  return encode, decode, round_trip
 
 
 class Codec:
@@ -52,7 +54,7 @@ class Codec:
     self.params = jax.tree_util.tree_map(jnp.asarray, params)
     self.state = {k: jax.tree_util.tree_map(jnp.asarray, v) for k, v in (state or {}).items()}
     self.config = dict(config or {})
-    self._encode, self._decode = _compiled(model)
+    self._encode, self._decode, self._round_trip = _compiled(model)
 
   @property
   def variables(self) -> dict:
@@ -163,9 +165,14 @@ class Codec:
     return wav
 
   def reconstruct(self, audio, num_streams: int = 6) -> np.ndarray:
-    """encode then decode, trimmed to the input length: (B, L)."""
-    x = self._audio_batch(audio)
-    return self.decode(self.encode(x, num_streams), length=x.shape[1])
+    """encode then decode, trimmed to the input length: (B, L).
+
+    One program (`round_trip`), bit-identical to `decode(encode(audio))`: the
+    decoder states that encoding computes are decoded from, not computed again.
+    """
+    num_streams = self.check_streams(num_streams)
+    x, n = self.pad(audio)
+    return np.asarray(self._round_trip(self.variables, x, num_streams))[:, :n]
 
 
 def load(directory, step: int | str | None = None, dtype=jnp.float32) -> Codec:

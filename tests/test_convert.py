@@ -48,6 +48,7 @@ def test_codec_api_pads_and_trims(converted, golden):
   assert codes.shape == (1, 3, 3, codec.num_frames(12345))
   y = codec.decode(codes, length=12345)
   assert y.shape == (1, 12345) and y.dtype == np.float32
+  np.testing.assert_array_equal(codec.reconstruct(x, 3), y)  # one program, the same audio
   # A valid-length prefix gives exactly the unpadded result.
   np.testing.assert_array_equal(codec.encode(golden["audio"], 6), golden["codes_s6"])
   with pytest.raises(ValueError, match="NaN"):
