@@ -493,7 +493,7 @@ class RVQCodec(CodecBase):
     and the audio are bit-identical to `encode` + `decode`.
     """
     codes = self.quantizers.encode(self._analyse(x)[1][-1], self.max_streams)
-    return codes, self._decode_map(self.quantizers.decode(codes, num_streams))[2]
+    return codes, self._decode(codes, num_streams)[2]
 
 
 MODEL_NAMES = ("csvq+swinT", "csvq+conv", "rvq+swinT", "rvq+conv")

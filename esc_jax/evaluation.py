@@ -319,12 +319,12 @@ def _run_batch(codec, clips: list[np.ndarray], batch: Batch, streams: list[int],
     codes = _encode_step(model, variables, x)
     runs = [_decode_step(model, variables, codes, x, n, np.int32(s)) for s in streams]
   codes = jax.device_get(codes)
+  refs = [x[i, :n[i]] for i in range(k)]
   outs = []
   for s, run in zip(streams, runs):
     y, mel, sdr = jax.device_get(run)
     out: dict[str, Any] = {"codes": [codes[i, :s, :, :codec.num_frames(int(n[i]))] for i in range(k)],
                            "mel_distance": mel[:k], "si_sdr": sdr[:k]}
-    refs = [x[i, :n[i]] for i in range(k)]
     ests = [y[i, :n[i]] for i in range(k)]
     if "pesq" in metrics:
       out["pesq"] = [M.pesq_wb(r, e)[0] for r, e in zip(refs, ests)]
