@@ -76,7 +76,7 @@ def parse_args(argv=None):
   p.add_argument("--no_progress", action="store_true", help="no progress bar")
   p.add_argument("--compile_cache", default="default",
                  help="persistent XLA compilation cache folder ('default': $ESC_JAX_CACHE or "
-                      "~/.cache/esc_jax/xla; '' disables): a rerun on the same shapes skips compiling")
+                      "~/.cache/esc_jax/xla; '' or 'off' disables): a rerun on the same shapes skips compiling")
   args = p.parse_args(argv)
   args.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
   return args

@@ -26,7 +26,7 @@ config_flags.DEFINE_config_file("config", None, "Training config file (configs/*
 flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, esc_config.json).")
 flags.DEFINE_string("compile_cache", "default",
                     "Persistent XLA compilation cache folder ('default': $ESC_JAX_CACHE or "
-                    "~/.cache/esc_jax/xla; '' disables): reruns and resumes skip compiling.")
+                    "~/.cache/esc_jax/xla; '' or 'off' disables): reruns and resumes skip compiling.")
 flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 

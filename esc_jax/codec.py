@@ -247,8 +247,8 @@ class CodecBase(nn.Module):
     if num_streams is None:
       return s
     if s != self.max_streams:
-      raise ValueError(f"decoding the first num_streams streams needs codes of all {self.max_streams} "
-                       f"streams, got {s}")
+      raise ValueError(f"decode with num_streams needs codes of all {self.max_streams} streams, got {s} "
+                       f"(decode codes[:, :n] without num_streams)")
     return self._check_streams(num_streams)
 
   # ---- decoding (each variant defines `_decode`: codes, streams -> (decoder maps, features, audio)) ----

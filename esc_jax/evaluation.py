@@ -57,7 +57,7 @@ import math
 import os
 import pathlib
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -122,7 +122,7 @@ def _eval_step(model, variables, x, lengths, num_streams):
   the masked mel distance and SI-SDR (B,))."""
   with jax.default_matmul_precision("highest"):
     codes, y = model.apply(variables, x, num_streams, method="round_trip")
-    return codes, y, M.mel_distance(x, y, lengths), M.si_sdr(x, y, lengths)
+    return (codes, *_scored(x, y, lengths))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -137,8 +137,12 @@ def _decode_step(model, variables, codes, x, lengths, num_streams):
   """Audio (B, L) decoded from the first `num_streams` of every stream's codes, and its
   masked mel distance and SI-SDR (B,) against the batch x."""
   with jax.default_matmul_precision("highest"):
-    y = model.apply(variables, codes, num_streams, method="decode")
-    return y, M.mel_distance(x, y, lengths), M.si_sdr(x, y, lengths)
+    return _scored(x, model.apply(variables, codes, num_streams, method="decode"), lengths)
+
+
+def _scored(x, y, lengths):
+  """(y, masked mel distance (B,), masked SI-SDR (B,)) of a reconstruction y of x."""
+  return y, M.mel_distance(x, y, lengths), M.si_sdr(x, y, lengths)
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +264,8 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
   batches = plan_batches(lengths, codec, batch_size, bucket_growth)
   num_shapes = len({(b.rows, b.length) for b in batches})
   if progress and bucket_growth is None and num_shapes > 8:
-    print(f"note: {num_shapes} distinct batch shapes (one compile each); bucket_growth=1.25 "
+    print(f"note: {num_shapes} distinct batch shapes (one compile each, two with several bitrates); "
+          f"bucket_growth=1.25 "
           f"(--bucket_growth) needs far fewer, approximately near clip ends", file=sys.stderr)
 
   from tqdm import tqdm
@@ -269,6 +274,7 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
   codes_all = {s: [] for s in streams}
   for b in batches:
     for s, out in zip(streams, _run_batch(codec, [keep[i] for i in b.indices], b, streams, metrics)):
+      bar.set_description(f"{codec.kbps(s):g} kbps", refresh=False)
       for m in metrics:
         for i, v in zip(b.indices, out[m]):
           per_file[s][m][i] = float(v)
@@ -302,9 +308,9 @@ def _streams(codec, num_streams) -> list[int]:
   return [check_num_streams(s, codec.max_streams) for s in streams]
 
 
-def _run_batch(codec, clips: list[np.ndarray], batch: Batch, streams: list[int], metrics) -> list[dict]:
+def _run_batch(codec, clips: list[np.ndarray], batch: Batch, streams: list[int], metrics) -> Iterator[dict]:
   """Codec round trips of one batch at each stream count in `streams`, and the metrics
-  of its real rows: one dict per stream count."""
+  of its real rows: yields one dict per stream count, in order."""
   k = len(clips)
   x = np.zeros((batch.rows, batch.length), np.float32)
   n = np.full(batch.rows, batch.length, np.int32)  # filler rows: full length
@@ -320,7 +326,6 @@ def _run_batch(codec, clips: list[np.ndarray], batch: Batch, streams: list[int],
     runs = [_decode_step(model, variables, codes, x, n, np.int32(s)) for s in streams]
   codes = jax.device_get(codes)
   refs = [x[i, :n[i]] for i in range(k)]
-  outs = []
   for s, run in zip(streams, runs):
     y, mel, sdr = jax.device_get(run)
     out: dict[str, Any] = {"codes": [codes[i, :s, :, :codec.num_frames(int(n[i]))] for i in range(k)],
@@ -330,8 +335,7 @@ def _run_batch(codec, clips: list[np.ndarray], batch: Batch, streams: list[int],
       out["pesq"] = [M.pesq_wb(r, e)[0] for r, e in zip(refs, ests)]
     if "stoi" in metrics:
       out["stoi"] = [M.stoi(r, e)[0] for r, e in zip(refs, ests)]
-    outs.append(out)
-  return outs
+    yield out
 
 
 # ---------------------------------------------------------------------------

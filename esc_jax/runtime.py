@@ -94,11 +94,16 @@ def default_cache_dir() -> str | None:
   if path is None:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     path = os.path.join(base, "esc_jax", "xla")
-  return None if path.strip().lower() in ("", "0", "off", "none") else path
+  return None if _disabled(path) else path
+
+
+def _disabled(path: str) -> bool:
+  return path.strip().lower() in ("", "0", "off", "none")
 
 
 def enable_compile_cache(path: str | None = "default") -> str | None:
-  """Turns on JAX's persistent compilation cache in `path` ("default": `default_cache_dir()`).
+  """Turns on JAX's persistent compilation cache in `path` ("default": `default_cache_dir()`;
+  None, "", "0", "off" or "none": off).
 
   Reruns and resumes then load compiled programs instead of compiling them
   (the ESC-Base train step compiles in ~1 min on 2 CPU cores). Returns the
@@ -106,7 +111,7 @@ def enable_compile_cache(path: str | None = "default") -> str | None:
   """
   if path == "default":
     path = default_cache_dir()
-  if not path:
+  if not path or _disabled(path):
     return None
   try:
     os.makedirs(path, exist_ok=True)
@@ -114,7 +119,8 @@ def enable_compile_cache(path: str | None = "default") -> str | None:
     return None
   import jax
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:  # else JAX's own setting stands
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   return path
 
 

@@ -108,3 +108,14 @@ def test_gpu_gemm_flag_is_accepted_on_cpu():
   out = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
                        env=env, capture_output=True, text=True, timeout=120, check=True)
   assert out.stdout.strip() == "3.0"
+
+
+@pytest.mark.parametrize("off", [None, "", "0", "off", "None"])
+def test_compile_cache_off(off, tmp_path, monkeypatch):
+  """The values the CLIs' --compile_cache and $ESC_JAX_CACHE document as "off" turn the cache
+  off (no folder named "off" is made)."""
+  monkeypatch.chdir(tmp_path)
+  assert runtime.enable_compile_cache(off) is None
+  assert not any(tmp_path.iterdir())
+  monkeypatch.setenv(runtime.CACHE_ENV, off or "")
+  assert runtime.default_cache_dir() is None
