@@ -265,8 +265,7 @@ def evaluate(codec, clips, num_streams: int | Sequence[int] | None = None, batch
   num_shapes = len({(b.rows, b.length) for b in batches})
   if progress and bucket_growth is None and num_shapes > 8:
     print(f"note: {num_shapes} distinct batch shapes (one compile each, two with several bitrates); "
-          f"bucket_growth=1.25 "
-          f"(--bucket_growth) needs far fewer, approximately near clip ends", file=sys.stderr)
+          "bucket_growth=1.25 (--bucket_growth) needs far fewer, approximately near clip ends", file=sys.stderr)
 
   from tqdm import tqdm
   bar = tqdm(total=len(batches) * len(streams), disable=not progress, unit="batch", file=sys.stderr)
