@@ -3,7 +3,7 @@
   python eval.py --checkpoint DIR --data FOLDER [--num_streams all|1..6]
       [--batch_size 8] [--output ./eval_results] [--max_files N] [--step latest|best|N]
       [--fit crop|pad] [--channel first|mean] [--bucket_growth G]
-      [--metrics pesq,stoi,mel_distance,si_sdr] [--compile_cache default|DIR|'']
+      [--metrics pesq,stoi,mel_distance,si_sdr] [--compile_cache default|DIR|off]
 
 The defaults reproduce the original's test protocol (scripts/test.py: each
 file's first channel without its last 80 samples, cut to a valid length), so
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
   args = parse_args(argv)
   if argv is None:
     from esc_jax import runtime
-    runtime.enable_compile_cache(args.compile_cache or None)
+    runtime.enable_compile_cache(args.compile_cache)
   from esc_jax import evaluation
   from esc_jax.api import load
   from esc_jax.audio_io import AUDIO_EXTENSIONS, find_audio_files

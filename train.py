@@ -49,7 +49,7 @@ def main(argv):
   runtime.preload_allocator()
   runtime.gpu_gemm_flags(FLAGS.config.train.compute_dtype)
   runtime.maybe_initialize_distributed()
-  runtime.enable_compile_cache(FLAGS.compile_cache or None)
+  runtime.enable_compile_cache(FLAGS.compile_cache)
   import jax
   from esc_jax import checkpoint, data, train_lib
   logging.info("devices: %s (process %d of %d)", jax.devices(), jax.process_index(), jax.process_count())

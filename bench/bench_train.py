@@ -52,7 +52,7 @@ def main(argv):
 
   from esc_jax import train_lib
 
-  runtime.enable_compile_cache(FLAGS.compile_cache or None)
+  runtime.enable_compile_cache(FLAGS.compile_cache)
   c = FLAGS.config
   c.unlock()
   c.train.pretrain_steps = 1 << 30 if FLAGS.pretrain else 0
