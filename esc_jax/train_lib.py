@@ -47,6 +47,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from esc_jax import checkpoint as ckpt
 from esc_jax import data as data_lib
 from esc_jax import evaluation
+from esc_jax import kernels
 from esc_jax import runtime
 from esc_jax.api import Codec
 from esc_jax.codec import make_model
@@ -245,7 +246,7 @@ class Program:
   init_variables: Callable  # jitted key -> model variables {"params", maybe "batch_stats"}
   abstract_state: TrainState  # shapes, dtypes and shardings of the state
   compile_s: float  # seconds spent compiling the step (little when loaded from the persistent cache)
-  lowered: Any  # the step before compilation (jax.stages.Lowered): see step_flops
+  lower_reference: Callable[[], Any]  # () -> the step lowered without the CPU kernels: see step_flops
   disc: Any = None  # the discriminator (adversarial recipe) or None
   disc_tx: optax.GradientTransformation | None = None
   init_disc_params: Callable | None = None  # jitted key -> discriminator params
@@ -256,9 +257,11 @@ class Program:
 
   @property
   def step_flops(self) -> float:
-    """FLOP of one step: XLA's count of the program before optimisation (the same on every
-    platform; a compiled GPU program's count leaves out its cuBLAS/cuDNN calls)."""
-    return xla_cost(self.lowered)
+    """FLOP of one step: XLA's count of the program before optimisation, traced without
+    the fused CPU kernels (`esc_jax.kernels`, whose custom calls XLA counts as nothing).
+    The same on every platform; a compiled GPU program's count leaves out its
+    cuBLAS/cuDNN calls. Traces and lowers the step again (seconds)."""
+    return xla_cost(self.lower_reference())
 
   @property
   def replicated(self) -> NamedSharding:
@@ -323,13 +326,20 @@ def build(config, devices=None) -> Program:
     shapes = shapes.replace(disc_params=d_params, disc_opt_state=jax.eval_shape(disc_tx.init, d_params))
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), shapes)
   batch = jax.ShapeDtypeStruct((bs, length), jnp.float32, sharding=shard)
+
+  def lower():
+    return jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
+                   in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch)
+
+  def lower_reference():
+    with kernels.disabled():
+      return lower()
+
   t = time.perf_counter()
-  lowered = jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
-                    in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch)
-  step = lowered.compile()
+  step = lower().compile()
   compile_s = time.perf_counter() - t
   return Program(config, model, tx, mesh, step, jax.jit(init_variables, out_shardings=rep), abstract, compile_s,
-                 lowered, disc, disc_tx, None if disc is None else jax.jit(init_disc, out_shardings=rep))
+                 lower_reference, disc, disc_tx, None if disc is None else jax.jit(init_disc, out_shardings=rep))
 
 
 def init_state(program: Program, variables=None) -> TrainState:

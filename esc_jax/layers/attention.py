@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esc_jax import kernels
 from esc_jax.layers.common import LayerNorm, Linear, gelu
 from esc_jax.layers.scale import PatchMerge, PatchSplit
 
@@ -282,6 +283,10 @@ class SwinBlock(nn.Module):
 
   Zero padding to multiples of the window happens after `norm1`; in unshifted
   blocks the padded tokens are not masked (they attend as zero vectors).
+  With `fused` (the default), a float32 block in window order that is not being
+  differentiated runs on CPU as one fused kernel (`esc_jax.kernels`); gradients,
+  other platforms and other dtypes take the XLA path, which computes the same
+  within float32 rounding.
   """
   dim: int
   num_heads: int
@@ -289,6 +294,7 @@ class SwinBlock(nn.Module):
   shift: int = 0
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
+  fused: bool = True
 
   @nn.compact
   def __call__(self, x, hw: tuple[int, int]):
@@ -299,6 +305,11 @@ class SwinBlock(nn.Module):
     on them, which is the original's zero padding after the norm. What the block
     computes on them otherwise is never read.
     """
+    if (self.fused and not self.is_initializing() and self.window == 4
+        and jnp.dtype(self.dtype) == jnp.float32 and x.dtype == jnp.float32
+        and keeps_window_order(*hw, self.window) and kernels.cpu_kernels_available()):
+      spec = (self.dim, self.num_heads, self.window, self.shift, self.mlp_ratio, tuple(hw))
+      return _fused_block(self.variables["params"], x, spec)
     c = x.shape[-1]
     xn = LayerNorm(name="norm1")(x).astype(self.dtype)
     real = padding_mask(*hw, self.window, self.shift) if keeps_window_order(*hw, self.window) else None
@@ -309,6 +320,97 @@ class SwinBlock(nn.Module):
     y = FeedForward(c, int(c * self.mlp_ratio), self.dtype, name="mlp")(
         LayerNorm(name="norm2")(x).astype(self.dtype))
     return x + y.astype(x.dtype)
+
+
+def _xla_block(params, x, spec):
+  """`SwinBlock` through XLA; spec = (dim, heads, window, shift, mlp_ratio, hw)."""
+  dim, heads, window, shift, mlp_ratio, hw = spec
+  block = SwinBlock(dim, heads, window, shift, mlp_ratio, fused=False)
+  return block.apply({"params": params}, x, hw)
+
+
+def _kernel_inputs(params, x, spec):
+  """(arrays after x, attributes) of the fused block kernels: the padding and shift
+  masks, then the parameters in `_KERNEL_PARAMS` order, the position bias as
+  (heads, key, query)."""
+  _, heads, window, shift, _, (h, w) = spec
+  hp, wp = padded_size(h, window), padded_size(w, window)
+  real = padding_mask(h, w, window, shift)
+  mask = shift_mask(hp, wp, window, shift).transpose(0, 2, 1) if shift else None
+  unused = np.zeros((1,), np.float32)
+  table = params["attn"]["relative_position_bias_table"]
+  args = [unused if real is None else real.reshape(-1), unused if mask is None else mask]
+  for path in _KERNEL_PARAMS:
+    args.append(_position_bias(table, window) if path is None else _at(params, path))
+  return args, dict(heads=np.int64(heads), has_real=real is not None, has_mask=mask is not None)
+
+
+# The kernels' parameter arguments (paths in a SwinBlock's params; None: the position bias).
+_KERNEL_PARAMS = (("norm1", "scale"), ("norm1", "bias"), ("attn", "qkv", "kernel"), ("attn", "qkv", "bias"),
+                  None, ("attn", "proj", "kernel"), ("attn", "proj", "bias"), ("norm2", "scale"),
+                  ("norm2", "bias"), ("mlp", "linear_1", "kernel"), ("mlp", "linear_1", "bias"),
+                  ("mlp", "linear_2", "kernel"), ("mlp", "linear_2", "bias"))
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _position_bias(table, window: int):
+  """((2w-1)^2, heads) table -> (heads, key, query) bias, as the kernels read it."""
+  n = window * window
+  bias = table[relative_position_index(window).reshape(-1)]
+  return bias.reshape(n, n, -1).transpose(2, 1, 0)
+
+
+def _ffi_block(params, x, spec):
+  """`SwinBlock` as the fused CPU kernel (window 4, float32, window order)."""
+  args, attrs = _kernel_inputs(params, x, spec)
+  call = jax.ffi.ffi_call(kernels.SWIN_BLOCK_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          vmap_method="sequential")
+  return call(x, *args, **attrs)
+
+
+def _ffi_block_vjp(params, x, g, spec):
+  """(d params, dx) of `SwinBlock` from the fused CPU backward kernel, which recomputes
+  the block's activations per window instead of keeping them."""
+  args, attrs = _kernel_inputs(params, x, spec)
+  shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, *args[2:])]
+  call = jax.ffi.ffi_call(kernels.SWIN_BLOCK_GRAD_TARGET, shapes, vmap_method="sequential")
+  dx, *grads = call(x, g, *args, **attrs)
+  by_path = {}
+  for path, grad in zip(_KERNEL_PARAMS, grads):
+    if path is None:
+      path = ("attn", "relative_position_bias_table")
+      grad = jax.vjp(functools.partial(_position_bias, window=spec[2]), _at(params, path))[1](grad)[0]
+    by_path[path] = grad
+  leaves, tree = jax.tree_util.tree_flatten_with_path(params)
+  dparams = [by_path[tuple(k.key for k in path)] for path, _ in leaves]
+  return jax.tree.unflatten(tree, dparams), dx
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _fused_block(params, x, spec):
+  """A `SwinBlock`: the fused kernels on CPU (forward, and a backward that recomputes
+  the forward per window), XLA elsewhere."""
+  return jax.lax.platform_dependent(params, x, cpu=functools.partial(_ffi_block, spec=spec),
+                                    default=functools.partial(_xla_block, spec=spec))
+
+
+def _fused_block_fwd(params, x, spec):
+  return _fused_block(params, x, spec), (params, x)
+
+
+def _fused_block_bwd(spec, res, g):
+  def xla_vjp(params, x, g):
+    return jax.vjp(functools.partial(_xla_block, spec=spec), params, x)[1](g)
+  return jax.lax.platform_dependent(*res, g, cpu=functools.partial(_ffi_block_vjp, spec=spec),
+                                    default=xla_vjp)
+
+
+_fused_block.defvjp(_fused_block_fwd, _fused_block_bwd)
 
 
 class TransformerLayer(nn.Module):

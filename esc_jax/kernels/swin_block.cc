@@ -1,0 +1,689 @@
+// Fused forward of one Swin block on CPU (an XLA FFI custom call).
+//
+// A block is LayerNorm -> qkv -> window attention -> proj -> residual ->
+// LayerNorm -> fc1 -> exact GELU -> fc2 -> residual. XLA runs it as ~20 passes
+// over (tokens, C) arrays whose channel counts (45..384) are too narrow for its
+// fusions and dots to keep the data in cache. Here each 4 x 4 window (16 tokens)
+// goes through the whole block in L1/L2: its tokens sit in the 16 lanes of one
+// vector per channel ("transposed" layout), so LayerNorm statistics, softmax and
+// every matmul are vertical vector operations without shuffles.
+//
+// Inputs are float32, tokens in window order (esc_jax.layers.attention): x (B, L, C)
+// with L = nW * 16. Weights are (in, out) as in the Flax parameters.
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;  // tokens per window (4 x 4)
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+inline vf splat(float s) { return vf{} + s; }
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }
+inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+
+// exp(x) to ~1 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial).
+inline vf vexp(vf x) {
+  x = vmin(vmax(x, splat(-87.3f)), splat(88.3f));
+  const vf magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vf n = (x * 1.44269504088896341f + magic) - magic;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+inline vf reciprocal(vf q) {
+#if defined(__AVX512F__)
+  vf r = reinterpret_cast<vf>(_mm512_rcp14_ps(reinterpret_cast<__m512>(q)));
+  return r * (2.0f - q * r);  // one Newton step: ~2^-28 relative error
+#else
+  return 1.0f / q;
+#endif
+}
+
+// erf(z) = z P(z^2) / Q(z^2) on |z| <= 4 (a rational fit, |error| < 1e-7 before float32
+// rounding); erf(4) is 1 to float32 precision, so z is clamped there.
+inline vf verf(vf z) {
+  z = vmin(vmax(z, splat(-4.0f)), splat(4.0f));
+  vf z2 = z * z;
+  vf p = splat(2.027286572973768e-06f);
+  p = p * z2 + 2.861879973585721e-04f;
+  p = p * z2 + 3.844706279541621e-03f;
+  p = p * z2 + 5.298176301916458e-02f;
+  p = p * z2 + 1.923081935180319e-01f;
+  p = p * z2 + 1.128379046143427e+00f;
+  vf q = splat(3.79285560665006e-05f);
+  q = q * z2 + 1.1810574145155073e-03f;
+  q = q * z2 + 1.512442889335951e-02f;
+  q = q * z2 + 1.1487953582826385e-01f;
+  q = q * z2 + 5.037605983877743e-01f;
+  q = q * z2 + 1.0f;
+  return z * p * reciprocal(q);
+}
+
+constexpr float kSqrtHalf = 0.70710678118654752f;
+
+// Exact GELU 0.5 x (1 + erf(x / sqrt 2)) and its derivative Phi(x) + x phi(x).
+inline vf vgelu(vf x) { return 0.5f * x * (1.0f + verf(x * kSqrtHalf)); }
+inline vf vgelu_grad(vf x) {
+  return 0.5f * (1.0f + verf(x * kSqrtHalf)) + x * (0.39894228040143268f * vexp(-0.5f * x * x));
+}
+
+// out[o] = bias[o] + sum_k in[k] * w[k, o] for o < n_out; w is (n_in, n_out) row-major,
+// bias may be null.
+template <int OB>
+inline void linear_block(const vf* in, int n_in, const float* w, int n_out, const float* bias,
+                         int o, vf* out) {
+  vf acc[OB];
+  for (int j = 0; j < OB; ++j) acc[j] = vf{};
+  for (int k = 0; k < n_in; ++k) {
+    const vf xk = in[k];
+    const float* wk = w + static_cast<int64_t>(k) * n_out + o;
+    for (int j = 0; j < OB; ++j) acc[j] += xk * wk[j];
+  }
+  for (int j = 0; j < OB; ++j) out[o + j] = bias == nullptr ? acc[j] : acc[j] + bias[o + j];
+}
+
+#if defined(__AVX512F__)
+constexpr int kBlock = 16;
+#else
+constexpr int kBlock = 6;
+#endif
+
+template <int OB>
+inline void linear_tail(const vf* in, int n_in, const float* w, int n_out, const float* bias,
+                        int o, vf* out) {
+  if constexpr (OB > 0) {
+    if (n_out - o == OB) return linear_block<OB>(in, n_in, w, n_out, bias, o, out);
+    linear_tail<OB - 1>(in, n_in, w, n_out, bias, o, out);
+  }
+}
+
+void linear(const vf* in, int n_in, const float* w, const float* bias, int n_out, vf* out) {
+  int o = 0;
+  for (; o + kBlock <= n_out; o += kBlock) linear_block<kBlock>(in, n_in, w, n_out, bias, o, out);
+  if (o < n_out) linear_tail<kBlock - 1>(in, n_in, w, n_out, bias, o, out);
+}
+
+// LayerNorm over channels (two-pass statistics, eps 1e-5); keeps the mean and 1/std.
+void layer_norm(const vf* x, int c, const float* g, const float* b, vf* out, vf& mean, vf& rstd) {
+  vf s = {};
+  for (int k = 0; k < c; ++k) s += x[k];
+  mean = s * (1.0f / c);
+  vf ss = {};
+  for (int k = 0; k < c; ++k) {
+    vf d = x[k] - mean;
+    ss += d * d;
+  }
+  vf var = ss * (1.0f / c) + 1e-5f;
+  for (int l = 0; l < kLanes; ++l) rstd[l] = 1.0f / __builtin_sqrtf(var[l]);
+  for (int k = 0; k < c; ++k) out[k] = (x[k] - mean) * rstd * g[k] + b[k];
+}
+
+// LayerNorm's backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy g;
+// adds dy xhat and dy to the scale / bias gradients. dx may alias dy; adds into dx if `add`.
+void layer_norm_grad(const vf* x, const vf* dy, int c, const float* g, vf mean, vf rstd,
+                     vf* dg, vf* db, vf* dx, bool add) {
+  vf s1 = {}, s2 = {};
+  for (int k = 0; k < c; ++k) {
+    const vf xhat = (x[k] - mean) * rstd;
+    const vf dxhat = dy[k] * g[k];
+    dg[k] += dy[k] * xhat;
+    db[k] += dy[k];
+    s1 += dxhat;
+    s2 += dxhat * xhat;
+  }
+  s1 *= 1.0f / c;
+  s2 *= 1.0f / c;
+  for (int k = 0; k < c; ++k) {
+    const vf xhat = (x[k] - mean) * rstd;
+    const vf v = rstd * (dy[k] * g[k] - s1 - xhat * s2);
+    dx[k] = add ? dx[k] + v : v;
+  }
+}
+
+// In-place transpose of a 16 x 16 block held as 16 vectors: r[a][b] <- r[b][a].
+inline void transpose16(vf* r) {
+#if defined(__AVX512F__)
+  __m512 t[16], u[16];
+  for (int i = 0; i < 16; ++i) u[i] = reinterpret_cast<__m512>(r[i]);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(u[2 * i], u[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(u[2 * i], u[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      __m512d lo = _mm512_castps_pd(t[4 * i + j]), hi = _mm512_castps_pd(t[4 * i + j + 2]);
+      u[4 * i + 2 * j] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo, hi));
+      u[4 * i + 2 * j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo, hi));
+    }
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(u[8 * i + j], u[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = reinterpret_cast<vf>(_mm512_shuffle_f32x4(t[j], t[8 + j], 0x88));
+    r[8 + j] = reinterpret_cast<vf>(_mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
+  }
+#else
+  for (int a = 0; a < kLanes; ++a)
+    for (int b = a + 1; b < kLanes; ++b) {
+      float t = r[a][b];
+      r[a][b] = r[b][a];
+      r[b][a] = t;
+    }
+#endif
+}
+
+// The first n <= 16 floats at src as a vector (zeros after them), and the inverse.
+inline vf load_n(const float* src, int n) {
+  vf v;
+  if (n == kLanes) {
+    std::memcpy(&v, src, sizeof(v));
+    return v;
+  }
+#if defined(__AVX512F__)
+  return reinterpret_cast<vf>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src));
+#else
+  v = vf{};
+  for (int l = 0; l < n; ++l) v[l] = src[l];
+  return v;
+#endif
+}
+
+inline void store_n(float* dst, vf v, int n) {
+  if (n == kLanes) {
+    std::memcpy(dst, &v, sizeof(v));
+    return;
+  }
+#if defined(__AVX512F__)
+  _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
+#else
+  for (int l = 0; l < n; ++l) dst[l] = v[l];
+#endif
+}
+
+// xt[k][i] = x[i * c + k]: a (16, c) row-major block into c vectors of 16 lanes.
+void load_transposed(const float* x, int c, vf* xt) {
+  for (int k0 = 0; k0 < c; k0 += kLanes) {
+    const int n = std::min(kLanes, c - k0);
+    vf r[kLanes];
+    for (int i = 0; i < kLanes; ++i) r[i] = load_n(x + i * c + k0, n);
+    transpose16(r);
+    for (int k = 0; k < n; ++k) xt[k0 + k] = r[k];
+  }
+}
+
+// The inverse of load_transposed: y[i * c + k] = yt[k][i].
+void store_transposed(const vf* yt, int c, float* y) {
+  for (int k0 = 0; k0 < c; k0 += kLanes) {
+    const int n = std::min(kLanes, c - k0);
+    vf r[kLanes];
+    for (int k = 0; k < kLanes; ++k) r[k] = k < n ? yt[k0 + k] : vf{};
+    transpose16(r);
+    for (int i = 0; i < kLanes; ++i) store_n(y + i * c + k0, r[i], n);
+  }
+}
+
+// acc (n_in, n_out) row-major += in^T gout over the 16 lanes (tokens): a weight gradient.
+void weight_grad(const vf* in, int n_in, const vf* gout, int n_out, float* acc) {
+  for (int o0 = 0; o0 < n_out; o0 += kLanes) {
+    const int n = std::min(kLanes, n_out - o0);
+    vf rows[kLanes];  // rows[i] = gout[o0:o0+16][lane i]
+    for (int j = 0; j < kLanes; ++j) rows[j] = j < n ? gout[o0 + j] : vf{};
+    transpose16(rows);
+    for (int k = 0; k < n_in; ++k) {
+      float* dst = acc + static_cast<int64_t>(k) * n_out + o0;
+      vf a = load_n(dst, n);
+      for (int i = 0; i < kLanes; ++i) a += in[k][i] * rows[i];
+      store_n(dst, a, n);
+    }
+  }
+}
+
+struct Params {
+  const float *ln1_g, *ln1_b, *wqkv, *bqkv, *pos, *wproj, *bproj;
+  const float *ln2_g, *ln2_b, *w1, *b1, *w2, *b2;
+  const float* real;  // (L,) 1/0 per token in window order, or null
+  const float* mask;  // (nW, 16, 16) shift mask as [window][key][query], or null
+  int c, hidden, heads;
+  int64_t windows_per_item;
+  // Backward only: the weights transposed to (out, in).
+  const float *wqkv_t, *wproj_t, *w1_t, *w2_t;
+};
+
+// Per-window activations, each a run of vectors (lanes = the window's 16 tokens).
+struct Work {
+  vf *x, *xn1, *qkv, *probs, *att, *x1, *xn2, *h, *hg, *out;
+  vf mean1, rstd1, mean2, rstd2;
+  std::unique_ptr<vf[]> mem;
+
+  Work(int c, int hidden, int heads) : mem(new vf[9 * c + 2 * hidden + heads * kLanes]) {
+    x = mem.get(), xn1 = x + c, qkv = xn1 + c, att = qkv + 3 * c, x1 = att + c, xn2 = x1 + c;
+    out = xn2 + c, h = out + c, hg = h + hidden, probs = hg + hidden;
+  }
+};
+
+// The block's forward on one window (rows: its (16, C) tokens), into w.out; keeps every
+// activation the backward needs in w (probabilities per head, GELU input and output).
+void forward_window(const float* rows, int64_t window, const Params& p, Work& w) {
+  const int c = p.c, d = c / p.heads;
+  load_transposed(rows, c, w.x);
+  layer_norm(w.x, c, p.ln1_g, p.ln1_b, w.xn1, w.mean1, w.rstd1);
+  const int64_t w_in_item = window % p.windows_per_item;
+  if (p.real != nullptr) {
+    vf real;
+    std::memcpy(&real, p.real + w_in_item * kLanes, sizeof(real));
+    for (int k = 0; k < c; ++k) w.xn1[k] *= real;
+  }
+  linear(w.xn1, c, p.wqkv, p.bqkv, 3 * c, w.qkv);
+  const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
+  for (int e = 0; e < c; ++e) w.qkv[e] *= scale;  // q, scaled before its dot as in the original
+  const float* mask = p.mask == nullptr ? nullptr : p.mask + w_in_item * kLanes * kLanes;
+  for (int head = 0; head < p.heads; ++head) {
+    const vf* q = w.qkv + head * d;
+    const vf* k = w.qkv + c + head * d;
+    const vf* v = w.qkv + 2 * c + head * d;
+    const float* pos = p.pos + head * kLanes * kLanes;
+    vf* prob = w.probs + head * kLanes;  // prob[j][i]: query i's weight on key j
+    for (int j = 0; j < kLanes; ++j) {
+      vf acc = {};
+      for (int e = 0; e < d; ++e) acc += q[e] * k[e][j];
+      vf b;
+      std::memcpy(&b, pos + j * kLanes, sizeof(b));
+      acc += b;
+      if (mask != nullptr) {
+        std::memcpy(&b, mask + j * kLanes, sizeof(b));
+        acc += b;
+      }
+      prob[j] = acc;
+    }
+    vf m = prob[0];
+    for (int j = 1; j < kLanes; ++j) m = vmax(m, prob[j]);
+    vf sum = {};
+    for (int j = 0; j < kLanes; ++j) {
+      prob[j] = vexp(prob[j] - m);
+      sum += prob[j];
+    }
+    const vf inv = 1.0f / sum;
+    for (int j = 0; j < kLanes; ++j) prob[j] *= inv;
+    for (int e = 0; e < d; ++e) {
+      vf acc = {};
+      for (int j = 0; j < kLanes; ++j) acc += prob[j] * v[e][j];
+      w.att[head * d + e] = acc;
+    }
+  }
+  linear(w.att, c, p.wproj, p.bproj, c, w.x1);
+  for (int k = 0; k < c; ++k) w.x1[k] += w.x[k];
+  layer_norm(w.x1, c, p.ln2_g, p.ln2_b, w.xn2, w.mean2, w.rstd2);
+  linear(w.xn2, c, p.w1, p.b1, p.hidden, w.h);
+  for (int k = 0; k < p.hidden; ++k) w.hg[k] = vgelu(w.h[k]);
+  linear(w.hg, p.hidden, p.w2, p.b2, c, w.out);
+  for (int k = 0; k < c; ++k) w.out[k] += w.x1[k];
+}
+
+// Gradient accumulators of one worker: vectors are per-lane partial sums (reduced over the
+// lanes at the end); matrices are (in, out) as the weights.
+struct Grads {
+  int c, hidden, heads;
+  std::vector<vf> ln1_g, ln1_b, bqkv, bproj, ln2_g, ln2_b, b1, b2, pos;
+  std::vector<float> wqkv, wproj, w1, w2;
+
+  Grads(int c, int hidden, int heads)
+      : c(c), hidden(hidden), heads(heads), ln1_g(c), ln1_b(c), bqkv(3 * c), bproj(c), ln2_g(c),
+        ln2_b(c), b1(hidden), b2(c), pos(heads * kLanes), wqkv(3 * c * c), wproj(c * c),
+        w1(c * hidden), w2(hidden * c) {}
+};
+
+// The block's backward on one window: recomputes the forward, then adds the parameter
+// gradients into gr and writes the input gradient rows (16, C) to drows.
+void backward_window(const float* rows, const float* grows, float* drows, int64_t window,
+                     const Params& p, Work& w, Grads& gr, vf* buf) {
+  const int c = p.c, hd = p.hidden, d = c / p.heads;
+  forward_window(rows, window, p, w);
+  vf* gy = buf;            // C: dL/dy
+  vf* dh = gy + c;         // hidden
+  vf* dx1 = dh + hd;       // C
+  vf* dn = dx1 + c;        // C: gradient of a LayerNorm output
+  vf* datt = dn + c;       // C
+  vf* dqkv = datt + c;     // 3C
+  load_transposed(grows, c, gy);
+  // y = x1 + gelu(xn2 W1 + b1) W2 + b2
+  for (int k = 0; k < c; ++k) gr.b2[k] += gy[k];
+  weight_grad(w.hg, hd, gy, c, gr.w2.data());
+  linear(gy, c, p.w2_t, nullptr, hd, dh);
+  for (int k = 0; k < hd; ++k) dh[k] *= vgelu_grad(w.h[k]);
+  for (int k = 0; k < hd; ++k) gr.b1[k] += dh[k];
+  weight_grad(w.xn2, c, dh, hd, gr.w1.data());
+  linear(dh, hd, p.w1_t, nullptr, c, dn);
+  for (int k = 0; k < c; ++k) dx1[k] = gy[k];
+  layer_norm_grad(w.x1, dn, c, p.ln2_g, w.mean2, w.rstd2, gr.ln2_g.data(), gr.ln2_b.data(), dx1, true);
+  // x1 = x + att Wproj + bproj
+  for (int k = 0; k < c; ++k) gr.bproj[k] += dx1[k];
+  weight_grad(w.att, c, dx1, c, gr.wproj.data());
+  linear(dx1, c, p.wproj_t, nullptr, c, datt);
+  // Attention per head, with prob[j][i] (lanes: queries i) and k, v[e][j] (lanes: keys j).
+  const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
+  for (int head = 0; head < p.heads; ++head) {
+    const vf* q = w.qkv + head * d;  // scaled
+    const vf* k = w.qkv + c + head * d;
+    const vf* v = w.qkv + 2 * c + head * d;
+    const vf* prob = w.probs + head * kLanes;
+    const vf* dout = datt + head * d;
+    vf* dq = dqkv + head * d;
+    vf* dk = dqkv + c + head * d;
+    vf* dv = dqkv + 2 * c + head * d;
+    vf pt[kLanes];  // pt[i][j] = prob[j][i]
+    for (int j = 0; j < kLanes; ++j) pt[j] = prob[j];
+    transpose16(pt);
+    for (int e = 0; e < d; ++e) {  // dv[e][j] = sum_i prob[j][i] dout[e][i]
+      vf acc = {};
+      for (int i = 0; i < kLanes; ++i) acc += dout[e][i] * pt[i];
+      dv[e] = acc;
+    }
+    vf ds[kLanes];  // dlogits, [j][i]
+    vf dot = {};
+    for (int j = 0; j < kLanes; ++j) {  // dprob[j][i] = sum_e dout[e][i] v[e][j]
+      vf acc = {};
+      for (int e = 0; e < d; ++e) acc += dout[e] * v[e][j];
+      ds[j] = acc;
+      dot += acc * prob[j];
+    }
+    vf* dpos = gr.pos.data() + head * kLanes;
+    for (int j = 0; j < kLanes; ++j) {
+      ds[j] = prob[j] * (ds[j] - dot);  // softmax's backward
+      dpos[j] += ds[j];
+    }
+    for (int e = 0; e < d; ++e) {  // dq[e][i] = sum_j ds[j][i] k[e][j], then the scale
+      vf acc = {};
+      for (int j = 0; j < kLanes; ++j) acc += ds[j] * k[e][j];
+      dq[e] = acc * scale;
+    }
+    transpose16(ds);  // ds[i][j]
+    for (int e = 0; e < d; ++e) {  // dk[e][j] = sum_i ds[i][j] q[e][i]
+      vf acc = {};
+      for (int i = 0; i < kLanes; ++i) acc += q[e][i] * ds[i];
+      dk[e] = acc;
+    }
+  }
+  // qkv = xn1 Wqkv + bqkv; xn1 = LayerNorm(x) * real
+  for (int k = 0; k < 3 * c; ++k) gr.bqkv[k] += dqkv[k];
+  weight_grad(w.xn1, c, dqkv, 3 * c, gr.wqkv.data());
+  linear(dqkv, 3 * c, p.wqkv_t, nullptr, c, dn);
+  if (p.real != nullptr) {
+    vf real;
+    std::memcpy(&real, p.real + (window % p.windows_per_item) * kLanes, sizeof(real));
+    for (int k = 0; k < c; ++k) dn[k] *= real;
+  }
+  layer_norm_grad(w.x, dn, c, p.ln1_g, w.mean1, w.rstd1, gr.ln1_g.data(), gr.ln1_b.data(), dx1, true);
+  store_transposed(dx1, c, drows);
+}
+
+// Runs fn(local, begin, end) over [0, n) in chunks of `grain` on the calling thread and the
+// pool. Each worker makes its own `local = make()` before its first chunk and calls
+// finish(local) after its last. Chunks are claimed from an atomic counter and the call
+// returns once every claimed chunk is done and its worker finished, so a task that starts
+// late finds nothing left and touches nothing of the caller's.
+template <typename Make, typename Fn, typename Finish>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, Make&& make, Fn&& fn,
+                  Finish&& finish) {
+  const int64_t chunks = (n + grain - 1) / grain;
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
+  if (helpers <= 0) {
+    auto local = make();
+    fn(local, int64_t{0}, n);
+    finish(local);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0}, left{0}, active{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  state->left = chunks;
+  auto signal = [](State& s) {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.cv.notify_all();
+  };
+  auto work = [state, chunks, grain, n, &make, &fn, &finish, signal]() {
+    state->active.fetch_add(1);
+    int64_t i = state->next.fetch_add(1);
+    if (i < chunks) {
+      auto local = make();
+      do {
+        fn(local, i * grain, std::min(n, (i + 1) * grain));
+        state->left.fetch_sub(1);
+      } while ((i = state->next.fetch_add(1)) < chunks);
+      finish(local);
+    }
+    if (state->active.fetch_sub(1) == 1) signal(*state);
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->left.load() == 0 && state->active.load() == 0; });
+}
+
+using F32 = ffi::Buffer<ffi::F32>;
+
+// Checks the shapes against x (B, nW * 16, C) and fills p's pointers (no transposes).
+ffi::Error make_params(const F32& x, const F32& real, const F32& mask, const F32& ln1_g,
+                       const F32& ln1_b, const F32& wqkv, const F32& bqkv, const F32& pos,
+                       const F32& wproj, const F32& bproj, const F32& ln2_g, const F32& ln2_b,
+                       const F32& w1, const F32& b1, const F32& w2, const F32& b2, int64_t heads,
+                       bool has_real, bool has_mask, Params& p) {
+  auto dims = x.dimensions();
+  if (dims.size() != 3 || dims[1] % kLanes != 0)
+    return ffi::Error::InvalidArgument("swin block: x must be (B, nW * 16, C)");
+  const int64_t tokens = dims[1], c = dims[2];
+  const int64_t hidden = w1.element_count() / std::max<int64_t>(c, 1);
+  if (heads <= 0 || c % heads != 0)
+    return ffi::Error::InvalidArgument("swin block: C must be a multiple of heads");
+  if (wqkv.element_count() != 3 * c * c || bqkv.element_count() != 3 * c ||
+      wproj.element_count() != c * c || bproj.element_count() != c || w1.element_count() != c * hidden ||
+      b1.element_count() != hidden || w2.element_count() != hidden * c || b2.element_count() != c ||
+      ln1_g.element_count() != c || ln1_b.element_count() != c || ln2_g.element_count() != c ||
+      ln2_b.element_count() != c || pos.element_count() != heads * kLanes * kLanes ||
+      (has_real && real.element_count() != tokens) ||
+      (has_mask && mask.element_count() != tokens * kLanes))
+    return ffi::Error::InvalidArgument("swin block: parameter shapes do not match x");
+  p = Params{ln1_g.typed_data(), ln1_b.typed_data(), wqkv.typed_data(), bqkv.typed_data(),
+             pos.typed_data(),   wproj.typed_data(), bproj.typed_data(), ln2_g.typed_data(),
+             ln2_b.typed_data(), w1.typed_data(),    b1.typed_data(),    w2.typed_data(),
+             b2.typed_data(),    has_real ? real.typed_data() : nullptr,
+             has_mask ? mask.typed_data() : nullptr, static_cast<int>(c),
+             static_cast<int>(hidden), static_cast<int>(heads), tokens / kLanes,
+             nullptr, nullptr, nullptr, nullptr};
+  return ffi::Error::Success();
+}
+
+constexpr int64_t kGrain = 64;       // windows per chunk of forward work
+constexpr int64_t kGradSlots = 16;  // slots of backward work (see SwinBlockBwd)
+
+ffi::Error SwinBlockFwd(ffi::ThreadPool pool, F32 x, F32 real, F32 mask, F32 ln1_g, F32 ln1_b,
+                        F32 wqkv, F32 bqkv, F32 pos, F32 wproj, F32 bproj, F32 ln2_g, F32 ln2_b,
+                        F32 w1, F32 b1, F32 w2, F32 b2, ffi::ResultBuffer<ffi::F32> y,
+                        int64_t heads, bool has_real, bool has_mask) {
+  Params p;
+  ffi::Error err = make_params(x, real, mask, ln1_g, ln1_b, wqkv, bqkv, pos, wproj, bproj, ln2_g,
+                               ln2_b, w1, b1, w2, b2, heads, has_real, has_mask, p);
+  if (err.failure()) return err;
+  const int64_t c = p.c, windows = x.element_count() / (kLanes * c);
+  const float* xs = x.typed_data();
+  float* ys = y->typed_data();
+  parallel_for(
+      pool, windows, kGrain, [&] { return Work(p.c, p.hidden, p.heads); },
+      [&](Work& w, int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          forward_window(xs + i * kLanes * c, i, p, w);
+          store_transposed(w.out, p.c, ys + i * kLanes * c);
+        }
+      },
+      [](Work&) {});
+  return ffi::Error::Success();
+}
+
+std::vector<float> transposed(const float* w, int64_t n_in, int64_t n_out) {
+  std::vector<float> t(n_in * n_out);
+  for (int64_t i = 0; i < n_in; ++i)
+    for (int64_t o = 0; o < n_out; ++o) t[o * n_in + i] = w[i * n_out + o];
+  return t;
+}
+
+float lane_sum(vf v) {
+  float s = 0.0f;
+  for (int l = 0; l < kLanes; ++l) s += v[l];
+  return s;
+}
+
+ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 real, F32 mask, F32 ln1_g,
+                        F32 ln1_b, F32 wqkv, F32 bqkv, F32 pos, F32 wproj, F32 bproj, F32 ln2_g,
+                        F32 ln2_b, F32 w1, F32 b1, F32 w2, F32 b2,
+                        ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_ln1_g,
+                        ffi::ResultBuffer<ffi::F32> d_ln1_b, ffi::ResultBuffer<ffi::F32> d_wqkv,
+                        ffi::ResultBuffer<ffi::F32> d_bqkv, ffi::ResultBuffer<ffi::F32> d_pos,
+                        ffi::ResultBuffer<ffi::F32> d_wproj, ffi::ResultBuffer<ffi::F32> d_bproj,
+                        ffi::ResultBuffer<ffi::F32> d_ln2_g, ffi::ResultBuffer<ffi::F32> d_ln2_b,
+                        ffi::ResultBuffer<ffi::F32> d_w1, ffi::ResultBuffer<ffi::F32> d_b1,
+                        ffi::ResultBuffer<ffi::F32> d_w2, ffi::ResultBuffer<ffi::F32> d_b2,
+                        int64_t heads, bool has_real, bool has_mask) {
+  Params p;
+  ffi::Error err = make_params(x, real, mask, ln1_g, ln1_b, wqkv, bqkv, pos, wproj, bproj, ln2_g,
+                               ln2_b, w1, b1, w2, b2, heads, has_real, has_mask, p);
+  if (err.failure()) return err;
+  if (g.element_count() != x.element_count())
+    return ffi::Error::InvalidArgument("swin block: the cotangent's shape differs from x");
+  const int c = p.c, hd = p.hidden;
+  const std::vector<float> wqkv_t = transposed(p.wqkv, c, 3 * c), wproj_t = transposed(p.wproj, c, c);
+  const std::vector<float> w1_t = transposed(p.w1, c, hd), w2_t = transposed(p.w2, hd, c);
+  p.wqkv_t = wqkv_t.data(), p.wproj_t = wproj_t.data(), p.w1_t = w1_t.data(), p.w2_t = w2_t.data();
+  ffi::ResultBuffer<ffi::F32>* outs[] = {&d_ln1_g, &d_ln1_b, &d_wqkv, &d_bqkv, &d_pos, &d_wproj, &d_bproj,
+                                         &d_ln2_g, &d_ln2_b, &d_w1,   &d_b1,   &d_w2,  &d_b2};
+  for (auto* o : outs) std::fill_n((*o)->typed_data(), (*o)->element_count(), 0.0f);
+  const int64_t windows = x.element_count() / (kLanes * c);
+  const float *xs = x.typed_data(), *gs = g.typed_data();
+  float* dxs = dx->typed_data();
+  // Windows are split into a fixed number of contiguous slots, each summing its own
+  // gradients in window order; the slots are then added in order. So the result does not
+  // depend on the thread count or on which thread ran what (exact resume of training).
+  const int64_t slots = std::min(kGradSlots, windows);
+  struct Slot {
+    Work w;
+    Grads gr;
+    std::unique_ptr<vf[]> buf;
+  };
+  std::vector<std::unique_ptr<Slot>> done(slots);
+  parallel_for(
+      pool, slots, 1, [] { return 0; },
+      [&](int&, int64_t begin, int64_t end) {
+        for (int64_t s = begin; s < end; ++s) {
+          done[s].reset(new Slot{Work(c, hd, p.heads), Grads(c, hd, p.heads), std::unique_ptr<vf[]>(new vf[8 * c + hd])});
+          Slot& l = *done[s];
+          for (int64_t i = s * windows / slots; i < (s + 1) * windows / slots; ++i)
+            backward_window(xs + i * kLanes * c, gs + i * kLanes * c, dxs + i * kLanes * c, i, p, l.w, l.gr,
+                            l.buf.get());
+        }
+      },
+      [](int&) {});
+  auto add_vectors = [](const std::vector<vf>& src, float* dst) {
+    for (size_t k = 0; k < src.size(); ++k) dst[k] += lane_sum(src[k]);
+  };
+  auto add_floats = [](const std::vector<float>& src, float* dst) {
+    for (size_t k = 0; k < src.size(); ++k) dst[k] += src[k];
+  };
+  for (const auto& slot : done) {
+    const Grads& gr = slot->gr;
+    add_vectors(gr.ln1_g, d_ln1_g->typed_data());
+    add_vectors(gr.ln1_b, d_ln1_b->typed_data());
+    add_floats(gr.wqkv, d_wqkv->typed_data());
+    add_vectors(gr.bqkv, d_bqkv->typed_data());
+    float* dpos = d_pos->typed_data();  // [head][key j][query i], as pos
+    for (size_t hj = 0; hj < gr.pos.size(); ++hj)
+      for (int i = 0; i < kLanes; ++i) dpos[hj * kLanes + i] += gr.pos[hj][i];
+    add_floats(gr.wproj, d_wproj->typed_data());
+    add_vectors(gr.bproj, d_bproj->typed_data());
+    add_vectors(gr.ln2_g, d_ln2_g->typed_data());
+    add_vectors(gr.ln2_b, d_ln2_b->typed_data());
+    add_floats(gr.w1, d_w1->typed_data());
+    add_vectors(gr.b1, d_b1->typed_data());
+    add_floats(gr.w2, d_w2->typed_data());
+    add_vectors(gr.b2, d_b2->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define ESC_PARAM_ARGS                                                                       \
+  .Arg<F32>()      /* real */                                                                \
+      .Arg<F32>()  /* mask [window][key][query] */                                           \
+      .Arg<F32>()  /* ln1 scale */                                                           \
+      .Arg<F32>()  /* ln1 bias */                                                            \
+      .Arg<F32>()  /* qkv kernel */                                                          \
+      .Arg<F32>()  /* qkv bias */                                                            \
+      .Arg<F32>()  /* position bias [head][key][query] */                                    \
+      .Arg<F32>()  /* proj kernel */                                                         \
+      .Arg<F32>()  /* proj bias */                                                           \
+      .Arg<F32>()  /* ln2 scale */                                                           \
+      .Arg<F32>()  /* ln2 bias */                                                            \
+      .Arg<F32>()  /* fc1 kernel */                                                          \
+      .Arg<F32>()  /* fc1 bias */                                                            \
+      .Arg<F32>()  /* fc2 kernel */                                                          \
+      .Arg<F32>()  /* fc2 bias */
+
+#define ESC_ATTRS .Attr<int64_t>("heads").Attr<bool>("has_real").Attr<bool>("has_mask")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EscSwinBlockFwd, SwinBlockFwd,
+                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>() /* x */
+                                  ESC_PARAM_ARGS.Ret<F32>() /* y */ ESC_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EscSwinBlockBwd, SwinBlockBwd,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>() /* x */
+                                  .Arg<F32>() /* dL/dy */
+                                  ESC_PARAM_ARGS
+                                  .Ret<F32>() /* dL/dx */
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>() /* the parameters' gradients, in the arguments' order */
+                                  ESC_ATTRS);

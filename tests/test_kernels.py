@@ -1,0 +1,136 @@
+"""The fused CPU Swin-block kernels (esc_jax.kernels): the same outputs and gradients as
+the XLA block, the codec and train step actually using them, and their fallbacks."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esc_jax import kernels
+from esc_jax.layers import attention as A
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _block_and_input(c, heads, hw, shift, batch, seed=0):
+  h, w = hw
+  tokens = A.padded_size(h, 4) * A.padded_size(w, 4)
+  x = jax.random.normal(jax.random.PRNGKey(seed), (batch, tokens, c))
+  block = A.SwinBlock(c, heads, 4, shift)
+  params = block.init(jax.random.PRNGKey(1), x, hw)["params"]
+  # Away from the init's zero biases / unit scales, so every parameter matters.
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+  params = jax.tree.unflatten(tree, [p + 0.1 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  return block, params, x
+
+
+def _real_tokens(hw, shift):
+  """(Hp*Wp,) bool: the real (not padding) tokens in window order `shift`."""
+  real = A.padding_mask(*hw, 4, shift)
+  return np.ones(A.padded_size(hw[0], 4) * A.padded_size(hw[1], 4), bool) if real is None else real[:, 0] > 0
+
+
+def _apply(block, params, x, hw, fused):
+  return block.clone(fused=fused).apply({"params": params}, x, hw)
+
+
+def test_kernel_builds_here():
+  assert kernels.cpu_kernels_available()
+
+
+# (C, heads, (H, W), batch): ESC-Base's top two scales, the tiny model's widths
+# (C < 16 lanes, one head), a width over 2 x 16 lanes with a partial tail; padding in
+# time, in frequency and in both.
+CASES = [(45, 3, (32, 40), 1), (72, 6, (16, 30), 2), (8, 1, (8, 30), 2), (12, 2, (30, 8), 3),
+         (40, 4, (31, 30), 1)]
+
+
+@pytest.mark.parametrize("shift", [0, 2])
+@pytest.mark.parametrize("c,heads,hw,batch", CASES)
+def test_fused_block_equals_xla_block(c, heads, hw, batch, shift):
+  assert A.keeps_window_order(*hw, 4)
+  block, params, x = _block_and_input(c, heads, hw, shift, batch)
+  fused = jax.jit(lambda p, x: _apply(block, p, x, hw, True))
+  assert kernels.SWIN_BLOCK_TARGET in fused.lower(params, x).as_text()
+  got, want = np.asarray(fused(params, x)), np.asarray(_apply(block, params, x, hw, False))
+  real = _real_tokens(hw, shift)
+  np.testing.assert_allclose(got[:, real], want[:, real], rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  assert np.isfinite(got).all()  # padding tokens too: later blocks carry them
+
+
+@pytest.mark.parametrize("c,heads,hw,batch,shift", [(12, 2, (30, 8), 2, 2), (45, 3, (32, 40), 1, 0),
+                                                   (40, 4, (31, 30), 1, 2)])
+def test_fused_block_gradient_equals_xla_gradient(c, heads, hw, batch, shift):
+  """The backward kernel: gradients of every parameter and of x, padding tokens excluded
+  from the loss (their outputs are never read)."""
+  block, params, x = _block_and_input(c, heads, hw, shift, batch)
+  real = jnp.asarray(_real_tokens(hw, shift))
+  target = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+
+  def loss(p, x, fused):
+    return jnp.sum(jnp.where(real[None, :, None], _apply(block, p, x, hw, fused) * target, 0.0))
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1)), static_argnums=2)
+  assert kernels.SWIN_BLOCK_GRAD_TARGET in grad.lower(params, x, True).as_text()
+  got, want = grad(params, x, True), grad(params, x, False)
+  # Deterministic (exact resume of training): the same bits on a second call.
+  jax.tree.map(np.testing.assert_array_equal, grad(params, x, True), got)
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=jax.tree_util.keystr(path))
+
+
+def test_codec_programs_use_the_kernel(tiny):
+  model, params = tiny
+  from esc_jax.codec import ESC
+  x = np.zeros((1, 15920), np.float32)
+  hlo = jax.jit(lambda p, x: model.apply({"params": p}, x, 3, method=ESC.encode)).lower(params, x).as_text()
+  assert hlo.count(kernels.SWIN_BLOCK_TARGET) >= 2
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
+                        env={**os.environ, "PYTHONPATH": ROOT, **env}, timeout=600)
+
+
+_COMPARE = """
+  import numpy as np, jax
+  from esc_jax import kernels
+  from tests.test_kernels import _apply, _block_and_input, _real_tokens
+  print("available", kernels.cpu_kernels_available())
+  for c, heads, hw, shift in [(45, 3, (16, 20), 2), (8, 1, (8, 30), 0)]:
+    block, params, x = _block_and_input(c, heads, hw, shift, 2)
+    got, want = (np.asarray(jax.jit(lambda p, x: _apply(block, p, x, hw, f))(params, x)) for f in (True, False))
+    real = _real_tokens(hw, shift)
+    print("max rel err", float(np.abs(got - want)[:, real].max() / np.abs(want).max()))
+"""
+
+
+def test_portable_build_without_avx512(tmp_path):
+  """The generic (non-AVX-512) code path, as on CPUs without it, gives the same results."""
+  flags = "-mno-avx512f" if platform.machine() in ("x86_64", "AMD64") else ""
+  r = _run(_COMPARE, ESC_JAX_KERNEL_CACHE=str(tmp_path), ESC_JAX_KERNEL_CXXFLAGS=flags)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "available True" in r.stdout
+  errs = [float(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("max rel err")]
+  assert len(errs) == 2 and max(errs) < 1e-5, r.stdout
+  assert len(list(tmp_path.glob("swin_block-*.so"))) == 1
+
+
+def test_disabled_and_failed_builds_fall_back_to_xla(tmp_path):
+  off = _run(_COMPARE, ESC_JAX_CPU_KERNELS="0", ESC_JAX_KERNEL_CACHE=str(tmp_path / "off"))
+  assert off.returncode == 0, off.stderr[-2000:]
+  assert "available False" in off.stdout and "max rel err 0.0" in off.stdout
+  assert not (tmp_path / "off").exists()
+  broken = _run(_COMPARE, CXX="false", ESC_JAX_KERNEL_CACHE=str(tmp_path / "broken"))
+  assert broken.returncode == 0, broken.stderr[-2000:]
+  assert "available False" in broken.stdout and "max rel err 0.0" in broken.stdout
+  assert "fused CPU kernels unavailable, using plain XLA" in broken.stderr
+  assert not list((tmp_path / "broken").glob("*"))  # no half-written library left behind
