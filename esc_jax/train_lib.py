@@ -328,8 +328,11 @@ def build(config, devices=None) -> Program:
   batch = jax.ShapeDtypeStruct((bs, length), jnp.float32, sharding=shard)
 
   def lower():
-    return jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
-                   in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch)
+    # The CPU kernels' custom calls have no partitioning rule: with the batch sharded over
+    # several devices XLA would all-gather it around each call, so that step is plain XLA.
+    with kernels.disabled() if mesh.size > 1 else contextlib.nullcontext():
+      return jax.jit(make_train_step(model, tx, schedule, config, disc, disc_tx, disc_schedule),
+                     in_shardings=(rep, shard), out_shardings=(rep, rep), donate_argnums=0).lower(abstract, batch)
 
   def lower_reference():
     with kernels.disabled():

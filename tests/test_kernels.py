@@ -15,6 +15,7 @@ import pytest
 
 from esc_jax import kernels
 from esc_jax.layers import attention as A
+from helpers import two_device_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -95,9 +96,27 @@ def test_codec_programs_use_the_kernel(tiny):
   assert hlo.count(kernels.SWIN_BLOCK_TARGET) >= 2
 
 
-def _run(code: str, **env) -> subprocess.CompletedProcess:
+def _run(code: str, env=None, **extra) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                        env={**os.environ, "PYTHONPATH": ROOT, **env}, timeout=600)
+                        env={**(env or os.environ), "PYTHONPATH": ROOT, **extra}, timeout=600)
+
+
+def test_train_step_uses_the_kernels_on_one_device_only():
+  """On one device the step runs the forward and backward kernels; with the batch sharded
+  over 2 devices it is plain XLA (a custom call would make XLA all-gather the batch)."""
+  code = """
+    import sys; sys.path.insert(0, "configs")
+    import jax, smoke
+    from esc_jax import kernels, train_lib
+    c = smoke.get_config()
+    c.train.batch_size = 2
+    for n in (1, 2):
+      hlo = train_lib.build(c, devices=jax.devices()[:n]).step.as_text()
+      print(n, kernels.SWIN_BLOCK_TARGET in hlo, kernels.SWIN_BLOCK_GRAD_TARGET in hlo)
+  """
+  r = _run(code, env=two_device_env())
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "1 True True" in r.stdout and "2 False False" in r.stdout, r.stdout
 
 
 _COMPARE = """
