@@ -98,7 +98,7 @@ def test_codec_programs_use_the_kernel(tiny):
 
 def _run(code: str, env=None, **extra) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
-                        env={**(env or os.environ), "PYTHONPATH": ROOT, **extra}, timeout=600)
+                        env={**(env or os.environ), "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **extra}, timeout=600)
 
 
 def test_train_step_uses_the_kernels_on_one_device_only():
