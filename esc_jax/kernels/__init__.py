@@ -1,7 +1,7 @@
 """Fused CPU kernels (XLA FFI custom calls), compiled from C++ on first use.
 
-`swin_block.cc` runs a whole Swin block's forward per 4 x 4 window (see its
-header). It is built once per machine with the system C++ compiler (`$CXX`, else
+`swin_block.cc` runs a whole Swin block's forward, and its backward, per 4 x 4
+window (see its header). It is built once per machine with the system C++ compiler (`$CXX`, else
 `c++`; extra flags from `$ESC_JAX_KERNEL_CXXFLAGS`) into `$ESC_JAX_KERNEL_CACHE`
 (default `~/.cache/esc_jax/kernels`), keyed by the source, the flags, jaxlib's
 version and the CPU's instruction sets, then loaded with ctypes and registered

@@ -1,4 +1,4 @@
-// Fused forward of one Swin block on CPU (an XLA FFI custom call).
+// Fused forward and backward of one Swin block on CPU (XLA FFI custom calls).
 //
 // A block is LayerNorm -> qkv -> window attention -> proj -> residual ->
 // LayerNorm -> fc1 -> exact GELU -> fc2 -> residual. XLA runs it as ~20 passes
@@ -9,7 +9,8 @@
 // every matmul are vertical vector operations without shuffles.
 //
 // Inputs are float32, tokens in window order (esc_jax.layers.attention): x (B, L, C)
-// with L = nW * 16. Weights are (in, out) as in the Flax parameters.
+// with L = nW * 16. Weights are (in, out) as in the Flax parameters. The backward
+// recomputes each window's forward instead of keeping activations between the calls.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -145,10 +146,10 @@ void layer_norm(const vf* x, int c, const float* g, const float* b, vf* out, vf&
   for (int k = 0; k < c; ++k) out[k] = (x[k] - mean) * rstd * g[k] + b[k];
 }
 
-// LayerNorm's backward: dx = rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy g;
-// adds dy xhat and dy to the scale / bias gradients. dx may alias dy; adds into dx if `add`.
+// LayerNorm's backward: adds rstd (dxhat - mean(dxhat) - xhat mean(dxhat xhat)), dxhat = dy g,
+// into dx, and dy xhat and dy into the scale / bias gradients.
 void layer_norm_grad(const vf* x, const vf* dy, int c, const float* g, vf mean, vf rstd,
-                     vf* dg, vf* db, vf* dx, bool add) {
+                     vf* dg, vf* db, vf* dx) {
   vf s1 = {}, s2 = {};
   for (int k = 0; k < c; ++k) {
     const vf xhat = (x[k] - mean) * rstd;
@@ -162,8 +163,7 @@ void layer_norm_grad(const vf* x, const vf* dy, int c, const float* g, vf mean, 
   s2 *= 1.0f / c;
   for (int k = 0; k < c; ++k) {
     const vf xhat = (x[k] - mean) * rstd;
-    const vf v = rstd * (dy[k] * g[k] - s1 - xhat * s2);
-    dx[k] = add ? dx[k] + v : v;
+    dx[k] += rstd * (dy[k] * g[k] - s1 - xhat * s2);
   }
 }
 
@@ -350,21 +350,21 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w)
   for (int k = 0; k < c; ++k) w.out[k] += w.x1[k];
 }
 
-// Gradient accumulators of one worker: vectors are per-lane partial sums (reduced over the
-// lanes at the end); matrices are (in, out) as the weights.
+// Gradient accumulators of one slot of windows: vectors are per-lane partial sums (reduced
+// over the lanes at the end); matrices are (in, out) as the weights.
 struct Grads {
-  int c, hidden, heads;
   std::vector<vf> ln1_g, ln1_b, bqkv, bproj, ln2_g, ln2_b, b1, b2, pos;
   std::vector<float> wqkv, wproj, w1, w2;
 
   Grads(int c, int hidden, int heads)
-      : c(c), hidden(hidden), heads(heads), ln1_g(c), ln1_b(c), bqkv(3 * c), bproj(c), ln2_g(c),
+      : ln1_g(c), ln1_b(c), bqkv(3 * c), bproj(c), ln2_g(c),
         ln2_b(c), b1(hidden), b2(c), pos(heads * kLanes), wqkv(3 * c * c), wproj(c * c),
         w1(c * hidden), w2(hidden * c) {}
 };
 
 // The block's backward on one window: recomputes the forward, then adds the parameter
-// gradients into gr and writes the input gradient rows (16, C) to drows.
+// gradients into gr and writes the input gradient rows (16, C) to drows. buf holds
+// 7 C + hidden vectors.
 void backward_window(const float* rows, const float* grows, float* drows, int64_t window,
                      const Params& p, Work& w, Grads& gr, vf* buf) {
   const int c = p.c, hd = p.hidden, d = c / p.heads;
@@ -385,7 +385,7 @@ void backward_window(const float* rows, const float* grows, float* drows, int64_
   weight_grad(w.xn2, c, dh, hd, gr.w1.data());
   linear(dh, hd, p.w1_t, nullptr, c, dn);
   for (int k = 0; k < c; ++k) dx1[k] = gy[k];
-  layer_norm_grad(w.x1, dn, c, p.ln2_g, w.mean2, w.rstd2, gr.ln2_g.data(), gr.ln2_b.data(), dx1, true);
+  layer_norm_grad(w.x1, dn, c, p.ln2_g, w.mean2, w.rstd2, gr.ln2_g.data(), gr.ln2_b.data(), dx1);
   // x1 = x + att Wproj + bproj
   for (int k = 0; k < c; ++k) gr.bproj[k] += dx1[k];
   weight_grad(w.att, c, dx1, c, gr.wproj.data());
@@ -443,24 +443,22 @@ void backward_window(const float* rows, const float* grows, float* drows, int64_
     std::memcpy(&real, p.real + (window % p.windows_per_item) * kLanes, sizeof(real));
     for (int k = 0; k < c; ++k) dn[k] *= real;
   }
-  layer_norm_grad(w.x, dn, c, p.ln1_g, w.mean1, w.rstd1, gr.ln1_g.data(), gr.ln1_b.data(), dx1, true);
+  layer_norm_grad(w.x, dn, c, p.ln1_g, w.mean1, w.rstd1, gr.ln1_g.data(), gr.ln1_b.data(), dx1);
   store_transposed(dx1, c, drows);
 }
 
 // Runs fn(local, begin, end) over [0, n) in chunks of `grain` on the calling thread and the
-// pool. Each worker makes its own `local = make()` before its first chunk and calls
-// finish(local) after its last. Chunks are claimed from an atomic counter and the call
-// returns once every claimed chunk is done and its worker finished, so a task that starts
-// late finds nothing left and touches nothing of the caller's.
-template <typename Make, typename Fn, typename Finish>
-void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, Make&& make, Fn&& fn,
-                  Finish&& finish) {
+// pool; each worker makes its own scratch `local = make()` before its first chunk. Chunks
+// are claimed from an atomic counter and the call returns once every claimed chunk is done
+// and its worker has stopped, so a task that starts late finds nothing left and touches
+// nothing of the caller's.
+template <typename Make, typename Fn>
+void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, Make&& make, Fn&& fn) {
   const int64_t chunks = (n + grain - 1) / grain;
   const int64_t helpers = std::min<int64_t>(pool.num_threads(), chunks) - 1;
   if (helpers <= 0) {
     auto local = make();
     fn(local, int64_t{0}, n);
-    finish(local);
     return;
   }
   struct State {
@@ -470,11 +468,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, Make&& make, 
   };
   auto state = std::make_shared<State>();
   state->left = chunks;
-  auto signal = [](State& s) {
-    std::lock_guard<std::mutex> lock(s.mu);
-    s.cv.notify_all();
-  };
-  auto work = [state, chunks, grain, n, &make, &fn, &finish, signal]() {
+  auto work = [state, chunks, grain, n, &make, &fn]() {
     state->active.fetch_add(1);
     int64_t i = state->next.fetch_add(1);
     if (i < chunks) {
@@ -483,9 +477,11 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, int64_t grain, Make&& make, 
         fn(local, i * grain, std::min(n, (i + 1) * grain));
         state->left.fetch_sub(1);
       } while ((i = state->next.fetch_add(1)) < chunks);
-      finish(local);
     }
-    if (state->active.fetch_sub(1) == 1) signal(*state);
+    if (state->active.fetch_sub(1) == 1) {
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->cv.notify_all();
+    }
   };
   for (int64_t t = 0; t < helpers; ++t) pool.Schedule([work]() { work(); });
   work();
@@ -547,8 +543,7 @@ ffi::Error SwinBlockFwd(ffi::ThreadPool pool, F32 x, F32 real, F32 mask, F32 ln1
           forward_window(xs + i * kLanes * c, i, p, w);
           store_transposed(w.out, p.c, ys + i * kLanes * c);
         }
-      },
-      [](Work&) {});
+      });
   return ffi::Error::Success();
 }
 
@@ -603,17 +598,16 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 real, F32 mask, 
   };
   std::vector<std::unique_ptr<Slot>> done(slots);
   parallel_for(
-      pool, slots, 1, [] { return 0; },
+      pool, slots, 1, [] { return 0; },  // a slot's scratch is its own (below)
       [&](int&, int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
-          done[s].reset(new Slot{Work(c, hd, p.heads), Grads(c, hd, p.heads), std::unique_ptr<vf[]>(new vf[8 * c + hd])});
+          done[s].reset(new Slot{Work(c, hd, p.heads), Grads(c, hd, p.heads), std::unique_ptr<vf[]>(new vf[7 * c + hd])});
           Slot& l = *done[s];
           for (int64_t i = s * windows / slots; i < (s + 1) * windows / slots; ++i)
             backward_window(xs + i * kLanes * c, gs + i * kLanes * c, dxs + i * kLanes * c, i, p, l.w, l.gr,
                             l.buf.get());
         }
-      },
-      [](int&) {});
+      });
   auto add_vectors = [](const std::vector<vf>& src, float* dst) {
     for (size_t k = 0; k < src.size(); ++k) dst[k] += lane_sum(src[k]);
   };
