@@ -294,7 +294,8 @@ struct Work {
 
 // The block's forward on one window (rows: its (16, C) tokens), into w.out; keeps every
 // activation the backward needs in w (probabilities per head, GELU input and output).
-void forward_window(const float* rows, int64_t window, const Params& p, Work& w) {
+// Without `out` it stops before fc2, which the backward does not need.
+void forward_window(const float* rows, int64_t window, const Params& p, Work& w, bool out = true) {
   const int c = p.c, d = c / p.heads;
   load_transposed(rows, c, w.x);
   layer_norm(w.x, c, p.ln1_g, p.ln1_b, w.xn1, w.mean1, w.rstd1);
@@ -346,6 +347,7 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w)
   layer_norm(w.x1, c, p.ln2_g, p.ln2_b, w.xn2, w.mean2, w.rstd2);
   linear(w.xn2, c, p.w1, p.b1, p.hidden, w.h);
   for (int k = 0; k < p.hidden; ++k) w.hg[k] = vgelu(w.h[k]);
+  if (!out) return;
   linear(w.hg, p.hidden, p.w2, p.b2, c, w.out);
   for (int k = 0; k < c; ++k) w.out[k] += w.x1[k];
 }
@@ -368,7 +370,7 @@ struct Grads {
 void backward_window(const float* rows, const float* grows, float* drows, int64_t window,
                      const Params& p, Work& w, Grads& gr, vf* buf) {
   const int c = p.c, hd = p.hidden, d = c / p.heads;
-  forward_window(rows, window, p, w);
+  forward_window(rows, window, p, w, /*out=*/false);
   vf* gy = buf;            // C: dL/dy
   vf* dh = gy + c;         // hidden
   vf* dx1 = dh + hd;       // C
