@@ -327,7 +327,7 @@ class SwinBlock(nn.Module):
 # weights stay in a core's L2 cache (2 MiB here): measured on ESC-Base's widths (2 cores,
 # batch 4 x 3 s, ms per block), forward 20 vs XLA's 56 at C = 45, 21 vs 33 at C = 144, but
 # 30 vs 24 at C = 192; forward + backward (which also reads the transposed weights and sums
-# the weight gradients) 70 vs 190 at C = 45, 83 vs 116 at C = 96, but 150 vs 112 at C = 144.
+# the weight gradients) 70 vs 190 at C = 45, 72 vs 116 at C = 96, but 139 vs 123 at C = 144.
 _KERNEL_MAX_WEIGHT_BYTES = 1 << 20  # forward: C <= 147 at mlp_ratio 4
 _KERNEL_GRAD_MAX_WEIGHT_BYTES = 1 << 19  # backward: C <= 104 at mlp_ratio 4
 
