@@ -90,6 +90,18 @@ def test_fused_block_gradient_equals_xla_gradient(c, heads, hw, batch, shift):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=jax.tree_util.keystr(path))
 
 
+def test_nan_propagates_as_in_xla():
+  """A NaN parameter gives NaN outputs and gradients, as the XLA block does (the kernels'
+  clamps in exp / erf must not turn NaN into a finite value)."""
+  hw = (8, 8)
+  block, params, x = _block_and_input(8, 1, hw, 2, 1)
+  params["attn"]["relative_position_bias_table"] = params["attn"]["relative_position_bias_table"].at[0, 0].set(np.nan)
+  for fused in (True, False):
+    y = _apply(block, params, x, hw, fused)
+    g = jax.grad(lambda p: jnp.sum(_apply(block, p, x, hw, fused)))(params)
+    assert np.isnan(np.asarray(y)).any() and np.isnan(np.asarray(g["mlp"]["linear_2"]["kernel"])).any()
+
+
 def test_codec_programs_use_the_kernel(tiny):
   model, params = tiny
   from esc_jax.codec import ESC

@@ -12,6 +12,7 @@ same results within float32 rounding, ~2x slower Swin blocks on CPU).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -54,8 +55,9 @@ def _build() -> pathlib.Path:
   """The compiled library's path, compiling it first if this machine has none yet."""
   cxx = os.environ.get("CXX", "c++")
   flags = [*_FLAGS, *os.environ.get("ESC_JAX_KERNEL_CXXFLAGS", "").split()]
+  version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True, timeout=60).stdout
   key = hashlib.sha256("\0".join(
-      [_SOURCE.read_text(), cxx, *flags, jax.lib.__version__, platform.machine(), _cpu_features()]
+      [_SOURCE.read_text(), cxx, version, *flags, jax.lib.__version__, platform.machine(), _cpu_features()]
   ).encode()).hexdigest()[:16]
   out = _cache_dir() / f"swin_block-{key}.so"
   if out.exists():
@@ -66,6 +68,7 @@ def _build() -> pathlib.Path:
   try:
     subprocess.run([cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp],
                    check=True, capture_output=True, text=True, timeout=300)
+    os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
     os.replace(tmp, out)  # atomic: concurrent builders each rename a complete file
   finally:
     if os.path.exists(tmp):
@@ -73,20 +76,19 @@ def _build() -> pathlib.Path:
   return out
 
 
-_off_depth = 0  # > 0 inside `disabled()`
+_off = contextvars.ContextVar("esc_jax_kernels_off", default=False)  # inside `disabled()`
 
 
 @contextlib.contextmanager
 def disabled():
-  """Model code traced inside this block takes the plain XLA path: e.g. to count a
-  program's FLOP with XLA's cost analysis, which sees no work in a custom call. Trace a
-  new function here: `jax.jit` reuses a function's earlier traces."""
-  global _off_depth
-  _off_depth += 1
+  """Model code traced inside this block (in this thread / context) takes the plain XLA
+  path: e.g. to count a program's FLOP with XLA's cost analysis, which sees no work in a
+  custom call. Trace a new function here: `jax.jit` reuses a function's earlier traces."""
+  token = _off.set(True)
   try:
     yield
   finally:
-    _off_depth -= 1
+    _off.reset(token)
 
 
 def cpu_kernels_available() -> bool:
@@ -96,7 +98,7 @@ def cpu_kernels_available() -> bool:
   False when JAX's default backend is not the CPU, with `ESC_JAX_CPU_KERNELS=0`, or
   when building fails (one warning says why).
   """
-  return _off_depth == 0 and _load()
+  return not _off.get() and _load()
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,8 +35,9 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
 inline vf splat(float s) { return vf{} + s; }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-inline vf vmin(vf a, vf b) { return a < b ? a : b; }
+// NaN in `a` propagates (as in XLA), so a clamp of NaN stays NaN.
+inline vf vmax(vf a, vf b) { return a < b ? b : a; }
+inline vf vmin(vf a, vf b) { return a > b ? b : a; }
 
 // exp(x) to ~1 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial).
 inline vf vexp(vf x) {
@@ -328,7 +329,7 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w,
       prob[j] = acc;
     }
     vf m = prob[0];
-    for (int j = 1; j < kLanes; ++j) m = vmax(m, prob[j]);
+    for (int j = 1; j < kLanes; ++j) m = vmax(prob[j], m);
     vf sum = {};
     for (int j = 0; j < kLanes; ++j) {
       prob[j] = vexp(prob[j] - m);
@@ -504,8 +505,8 @@ ffi::Error make_params(const F32& x, const F32& real, const F32& mask, const F32
     return ffi::Error::InvalidArgument("swin block: x must be (B, nW * 16, C)");
   const int64_t tokens = dims[1], c = dims[2];
   const int64_t hidden = w1.element_count() / std::max<int64_t>(c, 1);
-  if (heads <= 0 || c % heads != 0)
-    return ffi::Error::InvalidArgument("swin block: C must be a multiple of heads");
+  if (c <= 0 || heads <= 0 || c % heads != 0)
+    return ffi::Error::InvalidArgument("swin block: C must be a positive multiple of heads");
   if (wqkv.element_count() != 3 * c * c || bqkv.element_count() != 3 * c ||
       wproj.element_count() != c * c || bproj.element_count() != c || w1.element_count() != c * hidden ||
       b1.element_count() != hidden || w2.element_count() != hidden * c || b2.element_count() != c ||
@@ -525,7 +526,9 @@ ffi::Error make_params(const F32& x, const F32& real, const F32& mask, const F32
 }
 
 constexpr int64_t kGrain = 64;       // windows per chunk of forward work
-constexpr int64_t kGradSlots = 16;  // slots of backward work (see SwinBlockBwd)
+// Slots of backward work (see SwinBlockBwd): at most this many threads share a backward
+// call; more slots cost more gradient buffers to zero and add.
+constexpr int64_t kGradSlots = 16;
 
 ffi::Error SwinBlockFwd(ffi::ThreadPool pool, F32 x, F32 real, F32 mask, F32 ln1_g, F32 ln1_b,
                         F32 wqkv, F32 bqkv, F32 pos, F32 wproj, F32 bproj, F32 ln2_g, F32 ln2_b,

@@ -287,6 +287,8 @@ class SwinBlock(nn.Module):
   kernels (`esc_jax.kernels`): the forward up to C = 147 channels, the backward up
   to C = 104 (see `_KERNEL_MAX_WEIGHT_BYTES`). Wider blocks, other platforms and
   other dtypes take the XLA path, which computes the same within float32 rounding.
+  The kernels define reverse-mode gradients only (a custom VJP): forward-mode
+  autodiff (`jax.jvp`, `jacfwd`) of a CPU model needs `fused=False`.
   """
   dim: int
   num_heads: int
