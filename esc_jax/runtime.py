@@ -92,9 +92,14 @@ def default_cache_dir() -> str | None:
   """$ESC_JAX_CACHE, else $XDG_CACHE_HOME/esc_jax/xla (~/.cache/esc_jax/xla); None if disabled."""
   path = os.environ.get(CACHE_ENV)
   if path is None:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    path = os.path.join(base, "esc_jax", "xla")
+    path = user_cache_dir("xla")
   return None if _disabled(path) else path
+
+
+def user_cache_dir(name: str) -> str:
+  """$XDG_CACHE_HOME/esc_jax/NAME (default ~/.cache/esc_jax/NAME)."""
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "esc_jax", name)
 
 
 def _disabled(path: str) -> bool:

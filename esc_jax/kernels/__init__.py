@@ -25,6 +25,8 @@ import warnings
 
 import jax
 
+from esc_jax import runtime
+
 _SOURCE = pathlib.Path(__file__).with_name("swin_block.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 SWIN_BLOCK_TARGET = "esc_swin_block_fwd"
@@ -46,9 +48,7 @@ def _cpu_features() -> str:
 
 
 def _cache_dir() -> pathlib.Path:
-  root = os.environ.get("ESC_JAX_KERNEL_CACHE") or os.path.join(
-      os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "esc_jax", "kernels")
-  return pathlib.Path(root)
+  return pathlib.Path(os.environ.get("ESC_JAX_KERNEL_CACHE") or runtime.user_cache_dir("kernels"))
 
 
 def _build() -> pathlib.Path:

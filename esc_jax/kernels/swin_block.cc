@@ -281,6 +281,13 @@ struct Params {
   const float *wqkv_t, *wproj_t, *w1_t, *w2_t;
 };
 
+// v[k] *= the window's 1/0 real-token lanes, for k < C (p.real must be set).
+inline void mask_padding(const Params& p, int64_t window, vf* v) {
+  vf real;
+  std::memcpy(&real, p.real + (window % p.windows_per_item) * kLanes, sizeof(real));
+  for (int k = 0; k < p.c; ++k) v[k] *= real;
+}
+
 // Per-window activations, each a run of vectors (lanes = the window's 16 tokens).
 struct Work {
   vf *x, *xn1, *qkv, *probs, *att, *x1, *xn2, *h, *hg, *out;
@@ -300,16 +307,12 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w,
   const int c = p.c, d = c / p.heads;
   load_transposed(rows, c, w.x);
   layer_norm(w.x, c, p.ln1_g, p.ln1_b, w.xn1, w.mean1, w.rstd1);
-  const int64_t w_in_item = window % p.windows_per_item;
-  if (p.real != nullptr) {
-    vf real;
-    std::memcpy(&real, p.real + w_in_item * kLanes, sizeof(real));
-    for (int k = 0; k < c; ++k) w.xn1[k] *= real;
-  }
+  if (p.real != nullptr) mask_padding(p, window, w.xn1);
   linear(w.xn1, c, p.wqkv, p.bqkv, 3 * c, w.qkv);
   const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
   for (int e = 0; e < c; ++e) w.qkv[e] *= scale;  // q, scaled before its dot as in the original
-  const float* mask = p.mask == nullptr ? nullptr : p.mask + w_in_item * kLanes * kLanes;
+  const float* mask =
+      p.mask == nullptr ? nullptr : p.mask + (window % p.windows_per_item) * kLanes * kLanes;
   for (int head = 0; head < p.heads; ++head) {
     const vf* q = w.qkv + head * d;
     const vf* k = w.qkv + c + head * d;
@@ -441,11 +444,7 @@ void backward_window(const float* rows, const float* grows, float* drows, int64_
   for (int k = 0; k < 3 * c; ++k) gr.bqkv[k] += dqkv[k];
   weight_grad(w.xn1, c, dqkv, 3 * c, gr.wqkv.data());
   linear(dqkv, 3 * c, p.wqkv_t, nullptr, c, dn);
-  if (p.real != nullptr) {
-    vf real;
-    std::memcpy(&real, p.real + (window % p.windows_per_item) * kLanes, sizeof(real));
-    for (int k = 0; k < c; ++k) dn[k] *= real;
-  }
+  if (p.real != nullptr) mask_padding(p, window, dn);
   layer_norm_grad(w.x, dn, c, p.ln1_g, w.mean1, w.rstd1, gr.ln1_g.data(), gr.ln1_b.data(), dx1);
   store_transposed(dx1, c, drows);
 }
