@@ -147,8 +147,9 @@ _COMPARE = """
 """
 
 
-def test_portable_build_without_avx512(tmp_path):
-  """The generic (non-AVX-512) code path, as on CPUs without it, gives the same results."""
+def test_avx2_build_gives_the_same_results(tmp_path):
+  """The AVX2 code path (two 8-lane halves per vector), as on CPUs without AVX-512, gives
+  the same results (on a CPU without AVX-512 it is the path every test runs)."""
   flags = "-mno-avx512f" if platform.machine() in ("x86_64", "AMD64") else ""
   r = _run(_COMPARE, ESC_JAX_KERNEL_CACHE=str(tmp_path), ESC_JAX_KERNEL_CXXFLAGS=flags)
   assert r.returncode == 0, r.stderr[-2000:]
@@ -156,6 +157,14 @@ def test_portable_build_without_avx512(tmp_path):
   errs = [float(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("max rel err")]
   assert len(errs) == 2 and max(errs) < 1e-5, r.stdout
   assert len(list(tmp_path.glob("swin_block-*.so"))) == 1
+
+
+def test_kernels_need_avx2_and_fma():
+  x86 = platform.machine().lower() in ("x86_64", "amd64")
+  assert kernels.isa_supported("sse2 avx avx2 fma") == x86
+  assert kernels.isa_supported("sse2 avx512f") == x86
+  assert not kernels.isa_supported("sse2 avx avx2")  # no FMA
+  assert not kernels.isa_supported("fp asimd")  # ARM
 
 
 def test_disabled_and_failed_builds_fall_back_to_xla(tmp_path):

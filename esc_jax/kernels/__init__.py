@@ -7,7 +7,8 @@ window (see its header). It is built once per machine with the system C++ compil
 version and the CPU's instruction sets, then loaded with ctypes and registered
 with XLA. When JAX's default backend is not the CPU, without a compiler, or with
 `ESC_JAX_CPU_KERNELS=0`, nothing is built and the model runs as plain XLA (the
-same results within float32 rounding, ~2x slower Swin blocks on CPU).
+same results within float32 rounding, ~2x slower Swin blocks on CPU). The kernels are
+written for x86-64 with AVX-512, or AVX2 and FMA; other CPUs (e.g. ARM) run plain XLA.
 """
 from __future__ import annotations
 
@@ -45,6 +46,12 @@ def _cpu_features() -> str:
   except OSError:
     pass
   return platform.processor()
+
+
+def isa_supported(features: str) -> bool:
+  """Whether a CPU with these /proc/cpuinfo flags can run the kernels."""
+  flags = set(features.split())
+  return platform.machine().lower() in ("x86_64", "amd64") and ("avx512f" in flags or {"avx2", "fma"} <= flags)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -95,15 +102,15 @@ def cpu_kernels_available() -> bool:
   """Whether model code being traced should use the fused CPU kernels: they are built
   and registered (on the first call), and not `disabled()`.
 
-  False when JAX's default backend is not the CPU, with `ESC_JAX_CPU_KERNELS=0`, or
-  when building fails (one warning says why).
+  False when JAX's default backend is not the CPU, on a CPU without AVX2 and FMA, with
+  `ESC_JAX_CPU_KERNELS=0`, or when building fails (one warning says why).
   """
   return not _off.get() and _load()
 
 
 @functools.lru_cache(maxsize=None)
 def _load() -> bool:
-  if _disabled() or jax.default_backend() != "cpu":
+  if _disabled() or jax.default_backend() != "cpu" or not isa_supported(_cpu_features()):
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))

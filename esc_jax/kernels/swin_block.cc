@@ -20,9 +20,7 @@
 #include <mutex>
 #include <vector>
 
-#if defined(__AVX512F__)
 #include <immintrin.h>
-#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -31,6 +29,11 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kLanes = 16;  // tokens per window (4 x 4)
+
+// One vector holds a value for each of a window's 16 tokens. With AVX-512 it is one
+// register. With AVX2 it is two 8-lane halves: GCC keeps a 64-byte vector type in memory
+// when the target has no 64-byte registers, which made every operation a store and reload.
+#if defined(__AVX512F__)
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
@@ -38,6 +41,71 @@ inline vf splat(float s) { return vf{} + s; }
 // NaN in `a` propagates (as in XLA), so a clamp of NaN stays NaN.
 inline vf vmax(vf a, vf b) { return a < b ? b : a; }
 inline vf vmin(vf a, vf b) { return a > b ? b : a; }
+// 2^n for integral n in [-126, 127].
+inline vf pow2i(vf n) {
+  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline vf vsqrt(vf x) { return reinterpret_cast<vf>(_mm512_sqrt_ps(reinterpret_cast<__m512>(x))); }
+inline vf load16(const float* src) { return reinterpret_cast<vf>(_mm512_loadu_ps(src)); }
+inline void store16(float* dst, vf v) { _mm512_storeu_ps(dst, reinterpret_cast<__m512>(v)); }
+// 1 / q to ~2^-28 relative: rcp14 and one Newton step.
+inline vf reciprocal(vf q) {
+  vf r = reinterpret_cast<vf>(_mm512_rcp14_ps(reinterpret_cast<__m512>(q)));
+  return r * (2.0f - q * r);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef float vh __attribute__((vector_size(32)));  // half a vector: one AVX register
+typedef int32_t vhi __attribute__((vector_size(32)));
+
+struct vf {
+  vh lo, hi;  // lanes 0-7, 8-15
+  // GCC vector types alias their element type, so lanes may be read as floats.
+  float operator[](int l) const { return reinterpret_cast<const float*>(this)[l]; }
+};
+#define ESC_VF_OP(op)                                                                     \
+  inline vf operator op(vf a, vf b) { return {a.lo op b.lo, a.hi op b.hi}; }              \
+  inline vf operator op(vf a, float s) { return {a.lo op s, a.hi op s}; }                 \
+  inline vf operator op(float s, vf b) { return {s op b.lo, s op b.hi}; }                 \
+  inline vf& operator op##=(vf& a, vf b) { return a = a op b; }                           \
+  inline vf& operator op##=(vf& a, float s) { return a = a op s; }
+ESC_VF_OP(+)
+ESC_VF_OP(-)
+ESC_VF_OP(*)
+ESC_VF_OP(/)
+#undef ESC_VF_OP
+
+inline vf splat(float s) { return vf{} + s; }
+inline vf vmax(vf a, vf b) { return {a.lo < b.lo ? b.lo : a.lo, a.hi < b.hi ? b.hi : a.hi}; }
+inline vf vmin(vf a, vf b) { return {a.lo > b.lo ? b.lo : a.lo, a.hi > b.hi ? b.hi : a.hi}; }
+inline vh pow2i(vh n) {
+  vhi bits = (__builtin_convertvector(n, vhi) + 127) << 23;
+  vh out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+inline vf pow2i(vf n) { return {pow2i(n.lo), pow2i(n.hi)}; }
+inline vh vsqrt(vh x) { return reinterpret_cast<vh>(_mm256_sqrt_ps(reinterpret_cast<__m256>(x))); }
+inline vf vsqrt(vf x) { return {vsqrt(x.lo), vsqrt(x.hi)}; }
+// (A memcpy into the struct went through the stack.)
+inline vf load16(const float* src) {
+  return {reinterpret_cast<vh>(_mm256_loadu_ps(src)), reinterpret_cast<vh>(_mm256_loadu_ps(src + 8))};
+}
+inline void store16(float* dst, vf v) {
+  _mm256_storeu_ps(dst, reinterpret_cast<__m256>(v.lo));
+  _mm256_storeu_ps(dst + 8, reinterpret_cast<__m256>(v.hi));
+}
+// 1 / q to ~2^-22 relative: rcp (12 bits) and one Newton step.
+inline vh reciprocal(vh q) {
+  vh r = reinterpret_cast<vh>(_mm256_rcp_ps(reinterpret_cast<__m256>(q)));
+  return r * (2.0f - q * r);
+}
+inline vf reciprocal(vf q) { return {reciprocal(q.lo), reciprocal(q.hi)}; }
+#else
+#error "the fused kernels need x86-64 with AVX2 and FMA, or AVX-512"
+#endif
 
 // exp(x) to ~1 ulp: 2^n * p(r), x = n ln2 + r, |r| <= ln2 / 2 (Cephes' expf polynomial).
 inline vf vexp(vf x) {
@@ -53,20 +121,9 @@ inline vf vexp(vf x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  vi bits = (__builtin_convertvector(n, vi) + 127) << 23;
-  vf scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  return p * pow2i(n);
 }
 
-inline vf reciprocal(vf q) {
-#if defined(__AVX512F__)
-  vf r = reinterpret_cast<vf>(_mm512_rcp14_ps(reinterpret_cast<__m512>(q)));
-  return r * (2.0f - q * r);  // one Newton step: ~2^-28 relative error
-#else
-  return 1.0f / q;
-#endif
-}
 
 // erf(z) = z P(z^2) / Q(z^2) on |z| <= 4 (a rational fit, |error| < 1e-7 before float32
 // rounding); erf(4) is 1 to float32 precision, so z is clamped there.
@@ -143,7 +200,7 @@ void layer_norm(const vf* x, int c, const float* g, const float* b, vf* out, vf&
     ss += d * d;
   }
   vf var = ss * (1.0f / c) + 1e-5f;
-  for (int l = 0; l < kLanes; ++l) rstd[l] = 1.0f / __builtin_sqrtf(var[l]);
+  rstd = 1.0f / vsqrt(var);  // correctly rounded, as 1 / sqrtf per lane
   for (int k = 0; k < c; ++k) out[k] = (x[k] - mean) * rstd * g[k] + b[k];
 }
 
@@ -167,6 +224,27 @@ void layer_norm_grad(const vf* x, const vf* dy, int c, const float* g, vf mean, 
     dx[k] += rstd * (dy[k] * g[k] - s1 - xhat * s2);
   }
 }
+
+#if !defined(__AVX512F__)
+// In-place transpose of an 8 x 8 block of floats.
+inline void transpose8(__m256* r) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 2; ++j) {
+      u[4 * i + 2 * j] = _mm256_shuffle_ps(t[4 * i + j], t[4 * i + j + 2], 0x44);
+      u[4 * i + 2 * j + 1] = _mm256_shuffle_ps(t[4 * i + j], t[4 * i + j + 2], 0xee);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x20);
+    r[4 + j] = _mm256_permute2f128_ps(u[j], u[4 + j], 0x31);
+  }
+}
+#endif
 
 // In-place transpose of a 16 x 16 block held as 16 vectors: r[a][b] <- r[b][a].
 inline void transpose16(vf* r) {
@@ -195,40 +273,40 @@ inline void transpose16(vf* r) {
     r[8 + j] = reinterpret_cast<vf>(_mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd));
   }
 #else
-  for (int a = 0; a < kLanes; ++a)
-    for (int b = a + 1; b < kLanes; ++b) {
-      float t = r[a][b];
-      r[a][b] = r[b][a];
-      r[b][a] = t;
-    }
+  // Four 8 x 8 transposes: [rows 0-7 | rows 8-15] x [lo | hi].
+  __m256 q[4][8];
+  for (int i = 0; i < 8; ++i) {
+    q[0][i] = reinterpret_cast<__m256>(r[i].lo), q[1][i] = reinterpret_cast<__m256>(r[i].hi);
+    q[2][i] = reinterpret_cast<__m256>(r[8 + i].lo), q[3][i] = reinterpret_cast<__m256>(r[8 + i].hi);
+  }
+  for (auto& m : q) transpose8(m);
+  for (int j = 0; j < 8; ++j) {
+    r[j] = {reinterpret_cast<vh>(q[0][j]), reinterpret_cast<vh>(q[2][j])};
+    r[8 + j] = {reinterpret_cast<vh>(q[1][j]), reinterpret_cast<vh>(q[3][j])};
+  }
 #endif
 }
 
 // The first n <= 16 floats at src as a vector (zeros after them), and the inverse.
 inline vf load_n(const float* src, int n) {
-  vf v;
-  if (n == kLanes) {
-    std::memcpy(&v, src, sizeof(v));
-    return v;
-  }
+  if (n == kLanes) return load16(src);
 #if defined(__AVX512F__)
   return reinterpret_cast<vf>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src));
 #else
-  v = vf{};
-  for (int l = 0; l < n; ++l) v[l] = src[l];
-  return v;
+  const vhi iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const __m256i lo = reinterpret_cast<__m256i>(iota < n), hi = reinterpret_cast<__m256i>(iota + 8 < n);
+  return {reinterpret_cast<vh>(_mm256_maskload_ps(src, lo)), reinterpret_cast<vh>(_mm256_maskload_ps(src + 8, hi))};
 #endif
 }
 
 inline void store_n(float* dst, vf v, int n) {
-  if (n == kLanes) {
-    std::memcpy(dst, &v, sizeof(v));
-    return;
-  }
+  if (n == kLanes) return store16(dst, v);
 #if defined(__AVX512F__)
   _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
 #else
-  for (int l = 0; l < n; ++l) dst[l] = v[l];
+  const vhi iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  _mm256_maskstore_ps(dst, reinterpret_cast<__m256i>(iota < n), reinterpret_cast<__m256>(v.lo));
+  _mm256_maskstore_ps(dst + 8, reinterpret_cast<__m256i>(iota + 8 < n), reinterpret_cast<__m256>(v.hi));
 #endif
 }
 
@@ -254,6 +332,27 @@ void store_transposed(const vf* yt, int c, float* y) {
   }
 }
 
+// Rows of `acc` updated together by weight_grad: with AVX2 the 16 token vectors of gout
+// do not fit the 16 registers, so each of their loads serves several rows.
+#if defined(__AVX512F__)
+constexpr int kGradRows = 1;
+#else
+constexpr int kGradRows = 4;
+#endif
+
+// acc[k0:k0+R] (rows of n_out) += sum over the 16 lanes (tokens) i of in[k][i] rows[i].
+template <int R>
+inline void weight_grad_rows(const vf* in, int k0, const vf* rows, int n_out, int o0, int n, float* acc) {
+  vf a[R];
+  for (int r = 0; r < R; ++r) a[r] = load_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, n);
+#pragma GCC unroll 16  // constant indices keep a[] in registers
+  for (int i = 0; i < kLanes; ++i) {
+    const vf row = rows[i];
+    for (int r = 0; r < R; ++r) a[r] += in[k0 + r][i] * row;
+  }
+  for (int r = 0; r < R; ++r) store_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, a[r], n);
+}
+
 // acc (n_in, n_out) row-major += in^T gout over the 16 lanes (tokens): a weight gradient.
 void weight_grad(const vf* in, int n_in, const vf* gout, int n_out, float* acc) {
   for (int o0 = 0; o0 < n_out; o0 += kLanes) {
@@ -261,12 +360,9 @@ void weight_grad(const vf* in, int n_in, const vf* gout, int n_out, float* acc) 
     vf rows[kLanes];  // rows[i] = gout[o0:o0+16][lane i]
     for (int j = 0; j < kLanes; ++j) rows[j] = j < n ? gout[o0 + j] : vf{};
     transpose16(rows);
-    for (int k = 0; k < n_in; ++k) {
-      float* dst = acc + static_cast<int64_t>(k) * n_out + o0;
-      vf a = load_n(dst, n);
-      for (int i = 0; i < kLanes; ++i) a += in[k][i] * rows[i];
-      store_n(dst, a, n);
-    }
+    int k = 0;
+    for (; k + kGradRows <= n_in; k += kGradRows) weight_grad_rows<kGradRows>(in, k, rows, n_out, o0, n, acc);
+    for (; k < n_in; ++k) weight_grad_rows<1>(in, k, rows, n_out, o0, n, acc);
   }
 }
 
@@ -283,8 +379,7 @@ struct Params {
 
 // v[k] *= the window's 1/0 real-token lanes, for k < C (p.real must be set).
 inline void mask_padding(const Params& p, int64_t window, vf* v) {
-  vf real;
-  std::memcpy(&real, p.real + (window % p.windows_per_item) * kLanes, sizeof(real));
+  const vf real = load16(p.real + (window % p.windows_per_item) * kLanes);
   for (int k = 0; k < p.c; ++k) v[k] *= real;
 }
 
@@ -322,13 +417,8 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w,
     for (int j = 0; j < kLanes; ++j) {
       vf acc = {};
       for (int e = 0; e < d; ++e) acc += q[e] * k[e][j];
-      vf b;
-      std::memcpy(&b, pos + j * kLanes, sizeof(b));
-      acc += b;
-      if (mask != nullptr) {
-        std::memcpy(&b, mask + j * kLanes, sizeof(b));
-        acc += b;
-      }
+      acc += load16(pos + j * kLanes);
+      if (mask != nullptr) acc += load16(mask + j * kLanes);
       prob[j] = acc;
     }
     vf m = prob[0];
