@@ -54,6 +54,12 @@ def isa_supported(features: str) -> bool:
   return platform.machine().lower() in ("x86_64", "amd64") and ("avx512f" in flags or {"avx2", "fma"} <= flags)
 
 
+@functools.lru_cache(maxsize=None)
+def has_avx512() -> bool:
+  """Whether the kernels use AVX-512 here (else AVX2; see `isa_supported`)."""
+  return "avx512f" in _cpu_features().split()
+
+
 def _cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("ESC_JAX_KERNEL_CACHE") or runtime.user_cache_dir("kernels"))
 

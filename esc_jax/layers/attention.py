@@ -284,8 +284,9 @@ class SwinBlock(nn.Module):
   Zero padding to multiples of the window happens after `norm1`; in unshifted
   blocks the padded tokens are not masked (they attend as zero vectors).
   With `fused` (the default), a float32 block in window order runs on CPU as fused
-  kernels (`esc_jax.kernels`): the forward up to C = 147 channels, the backward up
-  to C = 104 (see `_KERNEL_MAX_WEIGHT_BYTES`). Wider blocks, other platforms and
+  kernels (`esc_jax.kernels`) up to a width that depends on the CPU (forward up to
+  C = 147 or 209, backward up to 104 or 147; `kernel_weight_limits`). Wider blocks,
+  other platforms and
   other dtypes take the XLA path, which computes the same within float32 rounding.
   The kernels define reverse-mode gradients only (a custom VJP): forward-mode
   autodiff (`jax.jvp`, `jacfwd`) of a CPU model needs `fused=False`.
@@ -309,7 +310,7 @@ class SwinBlock(nn.Module):
     """
     if (self.fused and not self.is_initializing() and self.window == 4
         and jnp.dtype(self.dtype) == jnp.float32 and x.dtype == jnp.float32
-        and _weight_bytes(self.dim, self.mlp_ratio) <= _KERNEL_MAX_WEIGHT_BYTES
+        and _weight_bytes(self.dim, self.mlp_ratio) <= kernel_weight_limits()[0]
         and keeps_window_order(*hw, self.window) and kernels.cpu_kernels_available()):
       spec = (self.dim, self.num_heads, self.window, self.shift, self.mlp_ratio, tuple(hw))
       return _fused_block(self.variables["params"], x, spec)
@@ -325,13 +326,24 @@ class SwinBlock(nn.Module):
     return x + y.astype(x.dtype)
 
 
-# The fused kernels stream every weight once per 16-token window, so they win while the
-# weights stay in a core's L2 cache (2 MiB here): measured on ESC-Base's widths (2 cores,
-# batch 4 x 3 s, ms per block), forward 20 vs XLA's 56 at C = 45, 21 vs 33 at C = 144, but
-# 30 vs 24 at C = 192; forward + backward (which also reads the transposed weights and sums
-# the weight gradients) 70 vs 190 at C = 45, 72 vs 116 at C = 96, but 139 vs 123 at C = 144.
-_KERNEL_MAX_WEIGHT_BYTES = 1 << 20  # forward: C <= 147 at mlp_ratio 4
-_KERNEL_GRAD_MAX_WEIGHT_BYTES = 1 << 19  # backward: C <= 104 at mlp_ratio 4
+# The fused kernels stream every weight once per 16-token window, so how wide a block
+# they win on depends on the CPU: measured on ESC-Base's widths (2 cores, batch 4 x 3 s,
+# ms per block, ours vs XLA's):
+# - AVX-512 (2 MiB L2 per core): forward 20 vs 56 at C = 45, 21 vs 33 at C = 144, but 30
+#   vs 24 at C = 192; forward + backward 70 vs 190 at C = 45, 72 vs 116 at C = 96, but
+#   139 vs 123 at C = 144.
+# - AVX2 (Zen 3, 512 KiB L2): forward 40 vs 59 at C = 144, 42 vs 51 at C = 192; forward
+#   + backward 174 vs 271 at C = 45, 152 vs 186 at C = 96, 172 vs 196 at C = 144, but 148
+#   vs 137 at C = 192.
+# (forward, backward) limits on a block's weight bytes (`_weight_bytes`):
+_KERNEL_LIMITS = {"avx512": (1 << 20, 1 << 19),  # C <= 147, C <= 104 at mlp_ratio 4
+                  "avx2": (1 << 21, 1 << 20)}  # C <= 209, C <= 147
+
+
+def kernel_weight_limits() -> tuple[int, int]:
+  """(forward, backward): the weight bytes up to which a block runs as the fused kernels
+  on this CPU."""
+  return _KERNEL_LIMITS["avx512" if kernels.has_avx512() else "avx2"]
 
 
 def _weight_bytes(dim: int, mlp_ratio: float) -> int:
@@ -417,7 +429,7 @@ def _fused_block(params, x, spec):
 
 
 def _grad_by_kernel(spec) -> bool:
-  return _weight_bytes(spec[0], spec[4]) <= _KERNEL_GRAD_MAX_WEIGHT_BYTES
+  return _weight_bytes(spec[0], spec[4]) <= kernel_weight_limits()[1]
 
 
 def _fused_block_fwd(params, x, spec):
