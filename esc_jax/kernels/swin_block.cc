@@ -38,6 +38,7 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
 inline vf splat(float s) { return vf{} + s; }
+inline void in_register(vf&) {}  // 32 registers: GCC keeps what it needs (see the AVX2 one)
 // NaN in `a` propagates (as in XLA), so a clamp of NaN stays NaN.
 inline vf vmax(vf a, vf b) { return a < b ? b : a; }
 inline vf vmin(vf a, vf b) { return a > b ? b : a; }
@@ -78,6 +79,8 @@ ESC_VF_OP(/)
 #undef ESC_VF_OP
 
 inline vf splat(float s) { return vf{} + s; }
+// Keeps v in registers where GCC would fold its reloads into every use (a load per FMA).
+inline void in_register(vf& v) { __asm__("" : "+x"(v.lo), "+x"(v.hi)); }
 inline vf vmax(vf a, vf b) { return {a.lo < b.lo ? b.lo : a.lo, a.hi < b.hi ? b.hi : a.hi}; }
 inline vf vmin(vf a, vf b) { return {a.lo > b.lo ? b.lo : a.lo, a.hi > b.hi ? b.hi : a.hi}; }
 inline vh pow2i(vh n) {
@@ -347,7 +350,8 @@ inline void weight_grad_rows(const vf* in, int k0, const vf* rows, int n_out, in
   for (int r = 0; r < R; ++r) a[r] = load_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, n);
 #pragma GCC unroll 16  // constant indices keep a[] in registers
   for (int i = 0; i < kLanes; ++i) {
-    const vf row = rows[i];
+    vf row = rows[i];
+    in_register(row);
     for (int r = 0; r < R; ++r) a[r] += in[k0 + r][i] * row;
   }
   for (int r = 0; r < R; ++r) store_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, a[r], n);
