@@ -370,6 +370,36 @@ void weight_grad(const vf* in, int n_in, const vf* gout, int n_out, float* acc) 
   }
 }
 
+// The attention's small products, a few outputs at a time: each output is a chain of
+// dependent FMAs, so one at a time waited on the FMA latency.
+constexpr int kChains = 4;
+
+// out[e] = sum over lanes j of a[j] * b[e][j], for e < n.
+inline void contract_lanes(const vf* a, const vf* b, int n, vf* out) {
+  int e = 0;
+  for (; e + kChains <= n; e += kChains) {
+    vf acc[kChains] = {};
+    for (int j = 0; j < kLanes; ++j)
+      for (int t = 0; t < kChains; ++t) acc[t] += a[j] * b[e + t][j];
+    for (int t = 0; t < kChains; ++t) out[e + t] = acc[t];
+  }
+  for (; e < n; ++e) {
+    vf acc = {};
+    for (int j = 0; j < kLanes; ++j) acc += a[j] * b[e][j];
+    out[e] = acc;
+  }
+}
+
+// out[j] = sum over e < d of a[e] * b[e][j], for the 16 lanes j.
+inline void contract_rows(const vf* a, const vf* b, int d, vf* out) {
+  for (int j = 0; j < kLanes; j += kChains) {
+    vf acc[kChains] = {};
+    for (int e = 0; e < d; ++e)
+      for (int t = 0; t < kChains; ++t) acc[t] += a[e] * b[e][j + t];
+    for (int t = 0; t < kChains; ++t) out[j + t] = acc[t];
+  }
+}
+
 struct Params {
   const float *ln1_g, *ln1_b, *wqkv, *bqkv, *pos, *wproj, *bproj;
   const float *ln2_g, *ln2_b, *w1, *b1, *w2, *b2;
@@ -418,12 +448,10 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w,
     const vf* v = w.qkv + 2 * c + head * d;
     const float* pos = p.pos + head * kLanes * kLanes;
     vf* prob = w.probs + head * kLanes;  // prob[j][i]: query i's weight on key j
+    contract_rows(q, k, d, prob);
     for (int j = 0; j < kLanes; ++j) {
-      vf acc = {};
-      for (int e = 0; e < d; ++e) acc += q[e] * k[e][j];
-      acc += load16(pos + j * kLanes);
-      if (mask != nullptr) acc += load16(mask + j * kLanes);
-      prob[j] = acc;
+      prob[j] += load16(pos + j * kLanes);
+      if (mask != nullptr) prob[j] += load16(mask + j * kLanes);
     }
     vf m = prob[0];
     for (int j = 1; j < kLanes; ++j) m = vmax(prob[j], m);
@@ -434,11 +462,7 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w,
     }
     const vf inv = 1.0f / sum;
     for (int j = 0; j < kLanes; ++j) prob[j] *= inv;
-    for (int e = 0; e < d; ++e) {
-      vf acc = {};
-      for (int j = 0; j < kLanes; ++j) acc += prob[j] * v[e][j];
-      w.att[head * d + e] = acc;
-    }
+    contract_lanes(prob, v, d, w.att + head * d);
   }
   linear(w.att, c, p.wproj, p.bproj, c, w.x1);
   for (int k = 0; k < c; ++k) w.x1[k] += w.x[k];
@@ -504,35 +528,20 @@ void backward_window(const float* rows, const float* grows, float* drows, int64_
     vf pt[kLanes];  // pt[i][j] = prob[j][i]
     for (int j = 0; j < kLanes; ++j) pt[j] = prob[j];
     transpose16(pt);
-    for (int e = 0; e < d; ++e) {  // dv[e][j] = sum_i prob[j][i] dout[e][i]
-      vf acc = {};
-      for (int i = 0; i < kLanes; ++i) acc += dout[e][i] * pt[i];
-      dv[e] = acc;
-    }
+    contract_lanes(pt, dout, d, dv);  // dv[e][j] = sum_i prob[j][i] dout[e][i]
     vf ds[kLanes];  // dlogits, [j][i]
+    contract_rows(dout, v, d, ds);  // dprob[j][i] = sum_e dout[e][i] v[e][j]
     vf dot = {};
-    for (int j = 0; j < kLanes; ++j) {  // dprob[j][i] = sum_e dout[e][i] v[e][j]
-      vf acc = {};
-      for (int e = 0; e < d; ++e) acc += dout[e] * v[e][j];
-      ds[j] = acc;
-      dot += acc * prob[j];
-    }
+    for (int j = 0; j < kLanes; ++j) dot += ds[j] * prob[j];
     vf* dpos = gr.pos.data() + head * kLanes;
     for (int j = 0; j < kLanes; ++j) {
       ds[j] = prob[j] * (ds[j] - dot);  // softmax's backward
       dpos[j] += ds[j];
     }
-    for (int e = 0; e < d; ++e) {  // dq[e][i] = sum_j ds[j][i] k[e][j], then the scale
-      vf acc = {};
-      for (int j = 0; j < kLanes; ++j) acc += ds[j] * k[e][j];
-      dq[e] = acc * scale;
-    }
+    contract_lanes(ds, k, d, dq);  // dq[e][i] = sum_j ds[j][i] k[e][j], then the scale
+    for (int e = 0; e < d; ++e) dq[e] *= scale;
     transpose16(ds);  // ds[i][j]
-    for (int e = 0; e < d; ++e) {  // dk[e][j] = sum_i ds[i][j] q[e][i]
-      vf acc = {};
-      for (int i = 0; i < kLanes; ++i) acc += q[e][i] * ds[i];
-      dk[e] = acc;
-    }
+    contract_lanes(ds, q, d, dk);  // dk[e][j] = sum_i ds[i][j] q[e][i]
   }
   // qkv = xn1 Wqkv + bqkv; xn1 = LayerNorm(x) * real
   for (int k = 0; k < 3 * c; ++k) gr.bqkv[k] += dqkv[k];
