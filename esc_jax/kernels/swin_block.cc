@@ -33,7 +33,11 @@ constexpr int kLanes = 16;  // tokens per window (4 x 4)
 // One vector holds a value for each of a window's 16 tokens. With AVX-512 it is one
 // register. With AVX2 it is two 8-lane halves: GCC keeps a 64-byte vector type in memory
 // when the target has no 64-byte registers, which made every operation a store and reload.
+// kBlock: outputs per pass of `linear` (its accumulators fill the registers). kGradRows: rows
+// of a weight gradient updated per load of the 16 token vectors (with AVX2 these do not fit
+// the 16 registers, so each load serves several rows).
 #if defined(__AVX512F__)
+constexpr int kBlock = 16, kGradRows = 1;
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
@@ -58,6 +62,7 @@ inline vf reciprocal(vf q) {
   return r * (2.0f - q * r);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kBlock = 6, kGradRows = 4;
 typedef float vh __attribute__((vector_size(32)));  // half a vector: one AVX register
 typedef int32_t vhi __attribute__((vector_size(32)));
 
@@ -170,12 +175,6 @@ inline void linear_block(const vf* in, int n_in, const float* w, int n_out, cons
   }
   for (int j = 0; j < OB; ++j) out[o + j] = bias == nullptr ? acc[j] : acc[j] + bias[o + j];
 }
-
-#if defined(__AVX512F__)
-constexpr int kBlock = 16;
-#else
-constexpr int kBlock = 6;
-#endif
 
 template <int OB>
 inline void linear_tail(const vf* in, int n_in, const float* w, int n_out, const float* bias,
@@ -334,14 +333,6 @@ void store_transposed(const vf* yt, int c, float* y) {
     for (int i = 0; i < kLanes; ++i) store_n(y + i * c + k0, r[i], n);
   }
 }
-
-// Rows of `acc` updated together by weight_grad: with AVX2 the 16 token vectors of gout
-// do not fit the 16 registers, so each of their loads serves several rows.
-#if defined(__AVX512F__)
-constexpr int kGradRows = 1;
-#else
-constexpr int kGradRows = 4;
-#endif
 
 // acc[k0:k0+R] (rows of n_out) += sum over the 16 lanes (tokens) i of in[k][i] rows[i].
 template <int R>
