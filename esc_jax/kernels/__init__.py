@@ -56,7 +56,7 @@ def isa_supported(features: str) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def has_avx512() -> bool:
-  """Whether the kernels use AVX-512 here (else AVX2; see `isa_supported`)."""
+  """Whether this CPU has AVX-512, which the kernels' default build uses (else AVX2)."""
   return "avx512f" in _cpu_features().split()
 
 
