@@ -38,6 +38,7 @@ def _disabled() -> bool:
   return os.environ.get("ESC_JAX_CPU_KERNELS", "1").strip().lower() in ("0", "off", "false", "no", "")
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_features() -> str:
   try:
     for line in open("/proc/cpuinfo"):
@@ -54,7 +55,6 @@ def isa_supported(features: str) -> bool:
   return platform.machine().lower() in ("x86_64", "amd64") and ("avx512f" in flags or {"avx2", "fma"} <= flags)
 
 
-@functools.lru_cache(maxsize=None)
 def has_avx512() -> bool:
   """Whether this CPU has AVX-512, which the kernels' default build uses (else AVX2)."""
   return "avx512f" in _cpu_features().split()

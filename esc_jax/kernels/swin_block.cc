@@ -289,15 +289,22 @@ inline void transpose16(vf* r) {
 #endif
 }
 
+#if !defined(__AVX512F__)
+// The mask of lanes first..first+7 (one half) that are below n.
+inline __m256i lanes_below(int n, int first) {
+  const vhi lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return reinterpret_cast<__m256i>(lane + first < n);
+}
+#endif
+
 // The first n <= 16 floats at src as a vector (zeros after them), and the inverse.
 inline vf load_n(const float* src, int n) {
   if (n == kLanes) return load16(src);
 #if defined(__AVX512F__)
   return reinterpret_cast<vf>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src));
 #else
-  const vhi iota = {0, 1, 2, 3, 4, 5, 6, 7};
-  const __m256i lo = reinterpret_cast<__m256i>(iota < n), hi = reinterpret_cast<__m256i>(iota + 8 < n);
-  return {reinterpret_cast<vh>(_mm256_maskload_ps(src, lo)), reinterpret_cast<vh>(_mm256_maskload_ps(src + 8, hi))};
+  return {reinterpret_cast<vh>(_mm256_maskload_ps(src, lanes_below(n, 0))),
+          reinterpret_cast<vh>(_mm256_maskload_ps(src + 8, lanes_below(n, 8)))};
 #endif
 }
 
@@ -306,9 +313,8 @@ inline void store_n(float* dst, vf v, int n) {
 #if defined(__AVX512F__)
   _mm512_mask_storeu_ps(dst, static_cast<__mmask16>((1u << n) - 1), reinterpret_cast<__m512>(v));
 #else
-  const vhi iota = {0, 1, 2, 3, 4, 5, 6, 7};
-  _mm256_maskstore_ps(dst, reinterpret_cast<__m256i>(iota < n), reinterpret_cast<__m256>(v.lo));
-  _mm256_maskstore_ps(dst + 8, reinterpret_cast<__m256i>(iota + 8 < n), reinterpret_cast<__m256>(v.hi));
+  _mm256_maskstore_ps(dst, lanes_below(n, 0), reinterpret_cast<__m256>(v.lo));
+  _mm256_maskstore_ps(dst + 8, lanes_below(n, 8), reinterpret_cast<__m256>(v.hi));
 #endif
 }
 

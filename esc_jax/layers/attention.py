@@ -286,8 +286,8 @@ class SwinBlock(nn.Module):
   With `fused` (the default), a float32 block in window order runs on CPU as fused
   kernels (`esc_jax.kernels`) up to a width that depends on the CPU (forward up to
   C = 147 or 209, backward up to 104 or 147; `kernel_weight_limits`). Wider blocks,
-  other platforms and
-  other dtypes take the XLA path, which computes the same within float32 rounding.
+  other platforms and other dtypes take the XLA path, which computes the same within
+  float32 rounding.
   The kernels define reverse-mode gradients only (a custom VJP): forward-mode
   autodiff (`jax.jvp`, `jacfwd`) of a CPU model needs `fused=False`.
   """
