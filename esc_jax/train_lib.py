@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Any, Callable, Iterator
@@ -255,12 +256,12 @@ class Program:
   def adversarial(self) -> bool:
     return self.disc is not None
 
-  @property
+  @functools.cached_property
   def step_flops(self) -> float:
     """FLOP of one step: XLA's count of the program before optimisation, traced without
     the fused CPU kernels (`esc_jax.kernels`, whose custom calls XLA counts as nothing).
     The same on every platform; a compiled GPU program's count leaves out its
-    cuBLAS/cuDNN calls. Traces and lowers the step again (seconds)."""
+    cuBLAS/cuDNN calls. Traces and lowers the step again (seconds) on first use."""
     return xla_cost(self.lower_reference())
 
   @property
