@@ -68,6 +68,13 @@ flags.DEFINE_list("planned", [], "DTYPE:BATCH:GB, the planned memory of a train 
 flags.DEFINE_string("out", "", "Append each row as a JSON line to this file.")
 flags.DEFINE_bool("json", False, "Print JSON lines only (no table).")
 flags.DEFINE_string("skip", "", "Comma-separated: peak,train,infer.")
+flags.DEFINE_string("cache", "", "Persistent compilation cache folder (default: off, so that every compile_s is cold). "
+                    "With --compile_only, lets parallel processes compile the programs that a later timing "
+                    "process loads.")
+flags.DEFINE_bool("compile_only", False, "Compile the selected programs (and run each inference program once) "
+                  "without timing them; prints one 'compile' row per program.")
+flags.DEFINE_string("peaks_from", "", "A JSONL file of an earlier run's rows: take the 'peak' rows from it "
+                    "instead of measuring them (for '% peak' in a process that skips peak).")
 flags.DEFINE_string("trace", "", "Write a jax.profiler trace of two steps of the first train row here and print "
                     "its kernel summary (kernels per step, busy share, top kernels); the trace is copied to "
                     "DIR/train_step.trace.json.gz (opens in Perfetto).")
@@ -92,6 +99,9 @@ def fmt_row(r: dict) -> str:
   """One row as a line of the table."""
   if "error" in r:
     return f"{r['work']:<11} {r.get('setting', ''):<28} FAILED: {r['error']}"
+  if r["work"] == "compile":
+    return f"compile     {r['setting']:<28} {r['compile_s']:>8.1f} s" + (
+        f", {r['mem_gb']:.1f} GB planned" if "mem_gb" in r else "")
   if r["work"] == "peak":
     return (f"peak        {r['setting']:<28} {r['value']:>10.1f} {r['unit']}")
   if r["work"] == "train_step":
@@ -160,6 +170,9 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
   from esc_jax import train_lib
   program = train_lib.build(_config(batch, dtype))
   mem = _mem_bytes(program.step)
+  if FLAGS.compile_only:
+    return dict(work="compile", setting=f"train_step {dtype} batch {batch}", dtype=dtype, batch=batch,
+                compile_s=program.compile_s, mem_gb=mem / 1e9), mem
   state = train_lib.init_state(program)
   rng = np.random.default_rng(0)
   batches = [train_lib.global_batch(program, (0.1 * rng.standard_normal((batch, CLIP_SAMPLES))).astype(np.float32))
@@ -260,7 +273,8 @@ def train_rows(peak: dict, planned: dict, largest: bool, dtypes) -> None:
     if not largest:
       for b in (int(b) for b in FLAGS.train_batches if b != "max"):
         try:
-          row, planned.setdefault(dtype, {})[b] = train_row(b, dtype, peak)
+          row, mem = train_row(b, dtype, peak)
+          planned.setdefault(dtype, {}).setdefault(b, mem)  # --planned's figure stands (same 'max' batch)
           _emit(row)
         except Exception as e:  # noqa: BLE001
           traceback.print_exc()
@@ -315,6 +329,12 @@ def infer_rows(peak: dict) -> None:
         dec = dec_lowered.compile()
         dec(codec.variables, codes).block_until_ready()
         compile_s = time.perf_counter() - t
+        if FLAGS.compile_only:  # the numpy API's call too, so that a cache holds every program timed
+          if b == 1:
+            codec.decode(codec.encode(x_np, 6))
+          _emit(dict(work="compile", setting=f"infer {dtype} {b} x {seconds:g} s", dtype=dtype, batch=b,
+                     compile_s=compile_s))
+          continue
         run = lambda: dec(codec.variables, enc(codec.variables, x)).block_until_ready()  # noqa: E731
         run()
         s = _median_time(run, FLAGS.repeats)
@@ -348,7 +368,7 @@ def main(argv):
   del argv
   import jax
   from esc_jax import runtime
-  runtime.enable_compile_cache(None)  # off: every compile_s is a cold compile
+  runtime.enable_compile_cache(FLAGS.cache or None)  # off by default: every compile_s is a cold compile
   if FLAGS.dtypes == ["bfloat16"]:  # as train.py does for bfloat16 compute
     runtime.gpu_gemm_flags("bfloat16")
   skip = set(filter(None, FLAGS.skip.split(",")))
@@ -357,7 +377,14 @@ def main(argv):
         f"memory limit {(d.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.1f} GB, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
   peak = {}
-  if "peak" not in skip:
+  if FLAGS.peaks_from:
+    names = {"matmul f32 (default prec.)": "float32", "matmul f32 (highest)": "highest",
+             "matmul bf16": "bfloat16", "device copy (r + w)": "copy"}
+    with open(FLAGS.peaks_from) as f:
+      for r in map(json.loads, f):
+        if r.get("work") == "peak" and r.get("setting") in names:
+          peak[names[r["setting"]]] = r["value"] * (1e9 if r["unit"] == "GB/s" else 1e12)
+  if "peak" not in skip and not FLAGS.compile_only:
     peak = peaks()
     for name, unit, scale in (("float32", "TFLOP/s", 1e12), ("highest", "TFLOP/s", 1e12),
                               ("bfloat16", "TFLOP/s", 1e12), ("copy", "GB/s", 1e9)):
