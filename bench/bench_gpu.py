@@ -30,6 +30,9 @@ A process given only bfloat16 turns XLA:GPU's Triton matmuls off as train.py doe
 for bfloat16 compute (`runtime.gpu_gemm_flags`): on an H200 with jax 0.11.2 the
 bf16 step compiled in ~95 s that way, and had not compiled after ~5 min with them;
 the float32 step takes ~2 min at batch 36 and over ~4 min at the largest batch.
+bench/gpu_sitting.sh runs every row in one time-boxed sitting: --compile_only processes
+compile all programs in parallel into one --cache, then timing processes load them
+one at a time (--peaks_from carries the first one's ceilings to the others).
 --planned lets a later process find the largest batch from an earlier run's
 planned memory without compiling a fixed batch again:
   python bench/bench_gpu.py --dtypes float32 --skip infer --train_batches max --planned float32:36:39.1
@@ -147,6 +150,21 @@ def peaks() -> dict:
   return out
 
 
+PEAK_SETTINGS = {"float32": "matmul f32 (default prec.)", "highest": "matmul f32 (highest)",
+                 "bfloat16": "matmul bf16", "copy": "device copy (r + w)"}
+
+
+def read_peaks(path: str) -> dict:
+  """The 'peak' rows of an earlier run's JSONL file, as peaks() returns them (FLOP/s, bytes/s)."""
+  names = {v: k for k, v in PEAK_SETTINGS.items()}
+  out = {}
+  with open(path) as f:
+    for r in map(json.loads, filter(str.strip, f)):
+      if r.get("work") == "peak" and r.get("setting") in names:
+        out[names[r["setting"]]] = r["value"] * (1e9 if r["unit"] == "GB/s" else 1e12)
+  return out
+
+
 def _config(batch: int, dtype: str):
   spec = importlib.util.spec_from_file_location("cfg_9kbps", os.path.join(ROOT, "configs", "9kbps.py"))
   mod = importlib.util.module_from_spec(spec)
@@ -246,7 +264,7 @@ def kernel_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> 
     per_name[e["name"]][1] += 1
   total = sum(t for t, _ in per_name.values())
   lib = sum(t for n, (t, _) in per_name.items()
-            if any(k in n.lower() for k in ("gemm", "xmma", "cutlass", "cublas", "conv", "cudnn", "dot")))
+            if any(k in n.lower() for k in ("gemm", "xmma", "nvjet", "cutlass", "cublas", "conv", "cudnn", "dot")))
   ms = 1e-3 / steps  # trace microseconds -> ms per step
   out = [f"trace: {len(kernels) / steps:.0f} kernels per step, {total * ms:.1f} ms of kernel time per step "
          f"({100 * total * ms / (step_s * 1e3):.0f}% of the {step_s * 1e3:.1f} ms step), "
@@ -376,20 +394,11 @@ def main(argv):
   print(f"jax {jax.__version__} on {len(jax.devices())} x {d.device_kind} ({jax.default_backend()}), "
         f"memory limit {(d.memory_stats() or {}).get('bytes_limit', 0) / 1e9:.1f} GB, "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}", flush=True)
-  peak = {}
-  if FLAGS.peaks_from:
-    names = {"matmul f32 (default prec.)": "float32", "matmul f32 (highest)": "highest",
-             "matmul bf16": "bfloat16", "device copy (r + w)": "copy"}
-    with open(FLAGS.peaks_from) as f:
-      for r in map(json.loads, f):
-        if r.get("work") == "peak" and r.get("setting") in names:
-          peak[names[r["setting"]]] = r["value"] * (1e9 if r["unit"] == "GB/s" else 1e12)
+  peak = read_peaks(FLAGS.peaks_from) if FLAGS.peaks_from else {}
   if "peak" not in skip and not FLAGS.compile_only:
     peak = peaks()
-    for name, unit, scale in (("float32", "TFLOP/s", 1e12), ("highest", "TFLOP/s", 1e12),
-                              ("bfloat16", "TFLOP/s", 1e12), ("copy", "GB/s", 1e9)):
-      setting = {"float32": "matmul f32 (default prec.)", "highest": "matmul f32 (highest)",
-                 "bfloat16": "matmul bf16", "copy": "device copy (r + w)"}[name]
+    for name, setting in PEAK_SETTINGS.items():
+      unit, scale = ("GB/s", 1e9) if name == "copy" else ("TFLOP/s", 1e12)
       _emit(dict(work="peak", setting=setting, value=peak[name] / scale, unit=unit))
   # The quickest and surest rows first: the first dtype's fixed batches, inference, the other
   # dtypes' fixed batches (XLA:GPU took over 5 min to compile the bf16 step on an H200), "max".
