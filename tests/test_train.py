@@ -13,8 +13,10 @@ import subprocess
 import sys
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import esc_jax
@@ -294,6 +296,60 @@ def test_schedules_and_optimizer():
                              rtol=2e-5)  # optax's float32 bias correction (1 - 0.999) vs torch's float64
 
 
+def test_flat_optimizer_equals_per_tensor():
+  """The train step's update (`_apply`: flat optimizer state) against optax's per-tensor one,
+  over steps with clipping on and off and a renewal: the same params, moments and counts
+  within float32 rounding (the global norm is one sum instead of per-tensor sums)."""
+  c = _config()
+  flat, per_tensor = train_lib.make_optimizer(c.optim), train_lib.make_optimizer(c.optim, flat=False)
+  schedule = train_lib.make_schedule(c.optim, 30)
+  rng = np.random.default_rng(0)
+  params = {"a": {"kernel": rng.standard_normal((3, 5)), "bias": rng.standard_normal(5)},
+            "b": rng.standard_normal((2, 2, 4))}
+  p_flat = p_tensor = params = jax.tree.map(jnp.float32, params)
+  s_flat, s_tensor = flat.init(params), per_tensor.init(params)
+  assert [x.shape for x in jax.tree.leaves(s_flat)] == [(), (36,), (36,)]
+  apply = jax.jit(train_lib._apply, static_argnums=(0, 1))  # pylint: disable=protected-access
+  for step in range(6):
+    scale = 100.0 if step == 2 else 0.1  # step 2 is clipped (clip_norm 0.5)
+    g = jax.tree.map(lambda x: jnp.float32(scale * rng.standard_normal(x.shape)), params)
+    renew = jnp.bool_(step == 4)
+    p_flat, s_flat, n_flat = apply(flat, schedule, step, g, s_flat, p_flat, renew)
+    p_tensor, s_tensor, n_tensor = apply(per_tensor, schedule, step, g, s_tensor, p_tensor, renew)
+    np.testing.assert_allclose(float(n_flat), float(optax.tree.norm(g)), rtol=1e-6)
+    assert_trees_close(p_flat, p_tensor, rtol=1e-6, atol=1e-7)
+    adam_flat, adam_tensor = _adam(s_flat), _adam(s_tensor)
+    assert int(adam_flat.count) == int(adam_tensor.count) == (step + 1 if step < 4 else step - 3)
+    for m in ("mu", "nu"):
+      np.testing.assert_allclose(np.asarray(getattr(adam_flat, m)),
+                                 jax.flatten_util.ravel_pytree(getattr(adam_tensor, m))[0], rtol=1e-5, atol=1e-9)
+  assert not np.allclose(np.asarray(p_flat["b"]), np.asarray(params["b"]))  # the steps moved the params
+
+
+def test_resume_from_a_per_tensor_optimizer_checkpoint(program, tmp_path):
+  """A checkpoint written before the flat optimizer (per-tensor Adam moments) resumes with
+  the same numbers, flattened."""
+  state = train_lib.init_state(program)
+  per_tensor = train_lib.make_optimizer(program.config.optim, flat=False)
+  g = jax.tree.map(lambda p: jnp.full_like(p, 0.01), state.params)
+  opt_state = per_tensor.update(g, per_tensor.init(state.params), state.params)[1]
+  with ckpt.train_manager(tmp_path, keep=2) as m:
+    train_lib.save(m, state.replace(step=jnp.int32(3), opt_state=opt_state), program.config)
+  with ckpt.train_manager(tmp_path, keep=2) as m:
+    restored = train_lib.restore(m, program, program.config)
+  assert int(restored.step) == 3
+  assert jax.tree.structure(restored.opt_state) == jax.tree.structure(program.abstract_state.opt_state)
+  flat, old = _adam(restored.opt_state), _adam(opt_state)
+  assert int(flat.count) == 1
+  for name in ("mu", "nu"):
+    np.testing.assert_array_equal(np.asarray(getattr(flat, name)),
+                                  np.asarray(jax.flatten_util.ravel_pytree(getattr(old, name))[0]))
+  assert float(jnp.max(flat.mu)) > 0
+  state, _ = program.step(restored, train_lib.global_batch(program, np.zeros(
+      (int(program.config.train.batch_size), int(program.config.data.clip_samples)), np.float32)))
+  assert int(_adam(state.opt_state).count) == 2  # the step runs on it
+
+
 def test_config_errors(tmp_path):
   with pytest.raises(train_lib.ConfigError, match="compute_dtype"):
     train_lib.build(_config(**{"train.compute_dtype": "float16"}))
@@ -318,15 +374,18 @@ def test_program_must_match_config(program, tmp_path):
 def test_step_flops_counts_the_whole_step(program):
   """Program.step_flops (the count before optimisation, the same on every platform, traced
   without the CPU kernels) agrees with the count of that program compiled, and grows with
-  the batch. (Within 4%: before optimisation LayerNorm's means sit in `platform_dependent`
+  the batch. (Within 8%: before optimisation LayerNorm's means sit in `platform_dependent`
   conditionals, which the count weighs differently; the tiny test model is ~3% LayerNorm
-  means.) The real step runs the Swin blocks as custom calls, which XLA counts as nothing."""
+  means. And the compiled count weighs an op fused into a slice at its full shape: the
+  optimizer's update of the flat parameter vector, fused into each tensor's slice, adds ~4%
+  that is not computed.) The real step runs the Swin blocks as custom calls, which XLA
+  counts as nothing."""
   reference = program.lower_reference()
   compiled = train_lib.xla_cost(reference.compile())
   assert compiled > 0
   flops = program.step_flops
   assert flops == train_lib.xla_cost(reference)  # (a cached property: traced once)
-  assert flops == pytest.approx(compiled, rel=0.04)
+  assert flops == pytest.approx(compiled, rel=0.08)
   assert train_lib.xla_cost(program.step) < 0.8 * compiled
   half = _config(**{"train.batch_size": program.config.train.batch_size // 2})
   state = program.abstract_state
