@@ -102,8 +102,8 @@ def make_optimizer(optim, flat: bool = True) -> optax.GradientTransformation:
   such vectors. The arithmetic is the same per element; the global norm is one sum
   instead of a sum of per-tensor sums (float32 rounding). Per tensor, the ~400 tensors
   of ESC made the optimizer over half of the train step's ops (~50 per tensor) and
-  ~8 s of its tracing. flat=False: the per-tensor state that checkpoints of esc-jax
-  before the flat optimizer hold (see `restore`).
+  8-13 s of ESC-Base's compile time. flat=False: the per-tensor state that checkpoints
+  of esc-jax before the flat optimizer hold (see `restore`).
   """
   tx = optax.chain(
       optax.clip_by_global_norm(float(optim.clip_norm)),
