@@ -174,7 +174,7 @@ def _apply(tx, schedule, step, grads, opt_state, params, renew=None):
     opt_state = jax.tree.map(lambda f, o: jnp.where(renew, f, o), tx.init(params), opt_state)
   updates, opt_state = tx.update(grads, opt_state, params)
   lr = schedule(step)
-  params = jax.tree.map(lambda p, u: (p + lr * u).astype(p.dtype), params, updates)
+  params = optax.apply_updates(params, jax.tree.map(lambda u: lr * u, updates))
   return params, opt_state, optax.tree.norm(jax.flatten_util.ravel_pytree(grads)[0])
 
 
