@@ -112,6 +112,23 @@ def test_codec_programs_use_the_kernel(tiny):
   assert hlo.count(kernels.SWIN_BLOCK_TARGET) >= 2
 
 
+def test_on_cpu_traces_one_branch_where_the_cpu_is_the_only_backend(monkeypatch):
+  traced = []
+
+  def branch(name, add):
+    return lambda x: (traced.append(name), x + add)[1]
+
+  def run():
+    traced.clear()  # a new function each time: jit would reuse an earlier trace
+    return float(jax.jit(lambda x: kernels.on_cpu(x, cpu=branch("cpu", 1), default=branch("default", 2)))(1.0))
+
+  assert run() == 2 and traced == ["cpu"]
+  with kernels.disabled():  # e.g. to lower for another platform: platform_dependent as such
+    assert run() == 2 and sorted(traced) == ["cpu", "default"]
+  monkeypatch.setattr(jax.extend.backend, "backends", lambda: {"cpu": None, "cuda": None})
+  assert run() == 2 and sorted(traced) == ["cpu", "default"]
+
+
 def _run(code: str, env=None, **extra) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
                         env={**(env or os.environ), "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **extra}, timeout=600)

@@ -104,6 +104,18 @@ def disabled():
     _off.reset(token)
 
 
+def on_cpu(*args, cpu, default):
+  """`jax.lax.platform_dependent(*args, cpu=cpu, default=default)`, tracing only `cpu`
+  where the CPU is JAX's only backend. platform_dependent traces every branch and the
+  lowering keeps one, so for the Swin blocks (kernels on CPU, XLA elsewhere) it traced
+  each block twice: ~30% of the time to trace the tiny model's train step. Inside
+  `disabled()` both are traced as before: for a program lowered for another platform
+  than the process's (`jax.export` from a CPU-only process)."""
+  if not _off.get() and set(jax.extend.backend.backends()) == {"cpu"}:
+    return cpu(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu, default=default)
+
+
 def cpu_kernels_available() -> bool:
   """Whether model code being traced should use the fused CPU kernels: they are built
   and registered (on the first call), and not `disabled()`.

@@ -424,8 +424,8 @@ def _ffi_block_vjp(params, x, g, spec):
 def _fused_block(params, x, spec):
   """A `SwinBlock`: the fused kernels on CPU (forward, and a backward that recomputes
   the forward per window), XLA elsewhere."""
-  return jax.lax.platform_dependent(params, x, cpu=functools.partial(_ffi_block, spec=spec),
-                                    default=functools.partial(_xla_block, spec=spec))
+  return kernels.on_cpu(params, x, cpu=functools.partial(_ffi_block, spec=spec),
+                        default=functools.partial(_xla_block, spec=spec))
 
 
 def _grad_by_kernel(spec) -> bool:
@@ -444,8 +444,7 @@ def _fused_block_bwd(spec, res, g):
 
   def xla_vjp(params, x, g):
     return jax.vjp(functools.partial(_xla_block, spec=spec), params, x)[1](g)
-  return jax.lax.platform_dependent(*res, g, cpu=functools.partial(_ffi_block_vjp, spec=spec),
-                                    default=xla_vjp)
+  return kernels.on_cpu(*res, g, cpu=functools.partial(_ffi_block_vjp, spec=spec), default=xla_vjp)
 
 
 _fused_block.defvjp(_fused_block_fwd, _fused_block_bwd)

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from esc_jax import kernels
+
 # nn.LayerNorm(eps=1e-5) in PyTorch; Flax's default is 1e-6 (SPEC).
 LN_EPS = 1e-5
 
@@ -199,7 +201,7 @@ def row_mean(t):
   def by_dot(t):
     c = t.shape[-1]
     return jnp.dot(t, jnp.full((c, 1), 1.0 / c, t.dtype), precision=jax.lax.Precision.HIGHEST)
-  return jax.lax.platform_dependent(t, cpu=by_dot, default=lambda t: jnp.mean(t, -1, keepdims=True))
+  return kernels.on_cpu(t, cpu=by_dot, default=lambda t: jnp.mean(t, -1, keepdims=True))
 
 
 @jax.custom_vjp
