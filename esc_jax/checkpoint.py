@@ -15,6 +15,7 @@ best step (`BEST_METRIC`, saved with each validated step). `esc_jax.load`
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -79,7 +80,16 @@ def read_codec_config(directory) -> dict:
 
 
 def model_template(model) -> dict:
-  """ShapeDtypeStruct tree of the model's variables ({"params": ..., ...}; no computation)."""
+  """ShapeDtypeStruct tree of the model's variables ({"params": ..., ...}; no computation).
+
+  Remembered per model config (Flax modules hash by their fields): tracing the model's
+  init takes ~1-2 s, and a process that loads codecs often asks again (eval, the CLI's
+  commands run in one process, tests)."""
+  return jax.tree.map(lambda s: s, _model_template(model))  # fresh containers for the caller
+
+
+@functools.lru_cache(maxsize=16)
+def _model_template(model) -> dict:
   x = jax.ShapeDtypeStruct((1, model.valid_length(1)), jnp.float32)
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
 
