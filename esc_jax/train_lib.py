@@ -325,7 +325,7 @@ def build(config, devices=None) -> Program:
   def init_variables(key):
     return model.init(key, x0)
 
-  variables = jax.eval_shape(init_variables, key0)
+  variables = ckpt.model_template(model)  # init's shapes (traced once per model config and process)
   params = variables["params"]
   shapes = TrainState(jax.ShapeDtypeStruct((), jnp.int32), params, jax.eval_shape(tx.init, params),
                       batch_stats=variables.get("batch_stats"))
