@@ -29,20 +29,6 @@ FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "esc_tiny"
 
 
-# The slowest files first, slowest first (CPU-seconds of a 2-core run: test_train ~260 s,
-# ..., test_discriminator ~45 s; the rest under 25 s), so that the two xdist workers
-# (pyproject.toml: one file at a time, in collection order) end together instead of one
-# starting a long file while the other has run out of work.
-SLOWEST_FIRST = ("test_train.py", "test_variants.py", "test_train_variants.py", "test_codec.py",
-                 "test_kernels.py", "test_multiprocess.py", "test_compress.py", "test_layers.py",
-                 "test_adversarial.py", "test_convert.py", "test_eval.py", "test_discriminator.py")
-
-
-def pytest_collection_modifyitems(items):
-  rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within
-
-
 @pytest.fixture(scope="session")
 def golden():
   return dict(np.load(TINY / "golden.npz"))
