@@ -25,6 +25,7 @@ import tempfile
 import warnings
 
 import jax
+import jax.extend.backend
 
 from esc_jax import runtime
 
