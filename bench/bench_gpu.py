@@ -83,8 +83,15 @@ flags.DEFINE_string("trace", "", "Write a jax.profiler trace of two steps of the
                     "DIR/train_step.trace.json.gz (opens in Perfetto).")
 FLAGS = flags.FLAGS
 
+_T0 = time.perf_counter()
 CLIP_SAMPLES = 47920  # 3 s, the reference's training clip
 _traced = False  # --trace covers the first train row only
+
+
+def _stage(what: str) -> None:
+  """One line on stderr per stage of a row, with the process's age: where a row that
+  never printed stopped (a GPU sitting's logs keep stderr)."""
+  print(f"[{time.perf_counter() - _T0:7.1f} s] {what}", file=sys.stderr, flush=True)
 
 
 def _emit(row: dict) -> dict:
@@ -186,8 +193,10 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
   global _traced
   import jax
   from esc_jax import train_lib
+  _stage(f"train {dtype} batch {batch}: building the step")
   program = train_lib.build(_config(batch, dtype))
   mem = _mem_bytes(program.step)
+  _stage(f"train {dtype} batch {batch}: built (compile {program.compile_s:.1f} s)")
   if FLAGS.compile_only:
     return dict(work="compile", setting=f"train_step {dtype} batch {batch}", dtype=dtype, batch=batch,
                 compile_s=program.compile_s, mem_gb=mem / 1e9), mem
@@ -195,9 +204,11 @@ def train_row(batch: int, dtype: str, peak: dict) -> tuple[dict, float]:
   rng = np.random.default_rng(0)
   batches = [train_lib.global_batch(program, (0.1 * rng.standard_normal((batch, CLIP_SAMPLES))).astype(np.float32))
              for _ in range(2)]
+  _stage(f"train {dtype} batch {batch}: state and batches on the device")
   for i in range(2):
     state, m = program.step(state, batches[i])
     jax.block_until_ready(m)
+    _stage(f"train {dtype} batch {batch}: warm-up step {i + 1} done")
   t = time.perf_counter()
   for i in range(FLAGS.steps):  # as train_lib's loop: each step's metrics are fetched
     state, m = program.step(state, batches[i % 2])
@@ -339,6 +350,7 @@ def infer_rows(peak: dict) -> None:
         long = speech(seconds + b * 0.37)
         x_np = np.stack([long[int(i * 0.37 * 16000):][:int(seconds * 16000)] for i in range(b)])
         x = jnp.asarray(codec.pad(x_np)[0])
+        _stage(f"infer {dtype} {b} x {seconds:g} s: building")
         t = time.perf_counter()
         enc_lowered = codec._encode.lower(codec.variables, x, 6)  # pylint: disable=protected-access
         enc = enc_lowered.compile()
@@ -347,6 +359,7 @@ def infer_rows(peak: dict) -> None:
         dec = dec_lowered.compile()
         dec(codec.variables, codes).block_until_ready()
         compile_s = time.perf_counter() - t
+        _stage(f"infer {dtype} {b} x {seconds:g} s: built and run once ({compile_s:.1f} s)")
         if FLAGS.compile_only:  # the numpy API's call too, so that a cache holds every program timed
           if b == 1:
             codec.decode(codec.encode(x_np, 6))
