@@ -3,6 +3,7 @@
   python bench/bench_train.py                       # ESC-Base, batch 4 x 3 s, all devices
   python bench/bench_train.py --batch_size=36 --config.train.compute_dtype=bfloat16
   python bench/bench_train.py --config configs/9kbps_adv.py      # the adversarial step
+  python bench/bench_train.py --trace /tmp/esc_trace              # + where the step's time goes
 
 Runs the real compiled train step (`train_lib.build`: loss, grads, clip, AdamW,
 quantisation dropout) on random audio sharded over a mesh of all devices;
@@ -10,9 +11,13 @@ compilation is reported separately and warm-up steps are not timed.
 """
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -29,6 +34,8 @@ flags.DEFINE_integer("warmup", 2, "Untimed warm-up steps.")
 flags.DEFINE_integer("steps", 5, "Timed steps.")
 flags.DEFINE_bool("pretrain", False, "Time a pre-training step (codebooks bypassed) instead.")
 flags.DEFINE_bool("json", False, "Print one JSON line instead of the table.")
+flags.DEFINE_string("trace", "", "Also trace two steps with jax.profiler into this folder and print where "
+                    "their time goes on XLA:CPU (kernels, forward / backward of each module).")
 flags.DEFINE_string("compile_cache", "default",
                     "Persistent XLA compilation cache folder ('default': ~/.cache/esc_jax/xla; '' disables).")
 FLAGS = flags.FLAGS
@@ -41,6 +48,55 @@ def _page_faults() -> int:
   except ImportError:
     return 0
   return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _module_of(op_name: str, depth: int = 4) -> str:
+  """'jit(step_fn)/transpose(jvp(ESC))/ESC.cross_scale/decoder.up/blocks_0/swint_blocks_1/mlp/dot'
+  -> 'ESC.cross_scale/decoder.up/blocks_i/swint_blocks_i': the module path (the program, the
+  transformations, a module named again by its child and the primitive left out)."""
+  parts = [re.sub(r"^(?:\w+\()+|\)+$", "", p) for p in op_name.split("/")[1:]]
+  parts = [p for i, p in enumerate(parts[:-1]) if p and not parts[i + 1].startswith(p + ".")]
+  return "/".join(re.sub(r"_\d+$", "_i", p) for p in parts[:depth]) or "(top level)"
+
+
+def cpu_step_breakdown(trace_dir: str, hlo_text: str, steps: int, step_s: float, top: int = 12) -> str:
+  """Where a traced XLA:CPU program's time goes: the newest jax.profiler trace under
+  `trace_dir` (`steps` runs of the program compiled to `hlo_text`), its thunks on XLA's
+  worker threads grouped by what the compiled HLO says they are: a custom call by its
+  target, anything else by the model module it came from (op_name metadata, layer
+  indices folded) and whether it is forward or backward (under `transpose(`), library
+  (YNN/XNN) matmul and convolution fusions apart. Thunks of one step can overlap in time,
+  so the shares of the `step_s` step can add up to more than 100%."""
+  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")),
+                 key=os.path.getmtime)
+  if not files:
+    return f"no trace under {trace_dir}"
+  with gzip.open(files[-1]) as f:
+    events = json.load(f)["traceEvents"]
+  workers = {(e["pid"], e.get("tid")) for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"]["name"]}
+  lines = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M)}
+  groups = collections.defaultdict(lambda: [0.0, 0])
+  for e in events:
+    if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in workers or "::" in e["name"]:
+      continue
+    line = lines.get(e["name"], "")
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    op = re.search(r'op_name="([^"]*)"', line)
+    op = op.group(1) if op else ""
+    if target:
+      key = f"custom call {target.group(1)}"
+    else:
+      module = _module_of(op)
+      kind = " [library]" if e["name"].startswith(("ynn_fusion", "xnn_fusion")) else ""
+      key = f"{'backward' if 'transpose(' in op else 'forward '} {module}{kind}"
+    groups[key][0] += e["dur"] / 1e3 / steps
+    groups[key][1] += 1
+  total = sum(t for t, _ in groups.values())
+  out = [f"XLA:CPU thunks: {total:.0f} ms per step of the {step_s * 1e3:.0f} ms step (threads overlap)"]
+  for key, (t, n) in sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]:
+    out.append(f"  {t:8.1f} ms {100 * t / (step_s * 1e3):5.1f}% {n / steps:5.0f}x  {key[:110]}")
+  return "\n".join(out)
 
 
 def main(argv):
@@ -77,6 +133,12 @@ def main(argv):
   dt = (time.perf_counter() - t0) / FLAGS.steps
   cpu = (time.process_time() - c0) / FLAGS.steps  # all threads of this process
   faults = (_page_faults() - f0) / FLAGS.steps
+  if FLAGS.trace:
+    with jax.profiler.trace(FLAGS.trace):
+      for i in range(2):
+        state, m = program.step(state, batches[i])
+        jax.device_get(m)
+    print(cpu_step_breakdown(FLAGS.trace, program.step.as_text(), steps=2, step_s=dt), flush=True)
   gflop = program.step_flops / 1e9
   dev = f"{len(jax.devices())} x {jax.devices()[0].device_kind}"
   load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
