@@ -92,6 +92,33 @@ def test_fused_block_gradient_equals_xla_gradient(c, heads, hw, batch, shift, mo
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * np.abs(w).max(), err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("recompute", ["env", "other_backend"])
+@pytest.mark.parametrize("c,heads,hw,batch,shift", [(12, 2, (30, 8), 2, 2), (40, 4, (31, 30), 1, 2)])
+def test_backward_reading_the_saved_activations_equals_recomputing_them(c, heads, hw, batch, shift, recompute,
+                                                                        monkeypatch):
+  """Where the CPU is the only backend, a differentiated block's forward kernel keeps qkv and
+  fc1's output for the backward kernel, which reads them instead of recomputing them: the
+  same bits as the backward that recomputes them, with ESC_JAX_CPU_KERNEL_KEEP=0 or where
+  another backend may run the program (`kernels.cpu_only()` false)."""
+  block, params, x = _block_and_input(c, heads, hw, shift, batch)
+  g = jax.random.normal(jax.random.PRNGKey(5), x.shape)
+
+  def grads():  # a fresh function per call: traced again
+    return jax.jit(lambda p, x: jax.vjp(lambda p, x: _apply(block, p, x, hw, True), p, x)[1](g))
+
+  saving = grads()
+  assert "save = true" in saving.lower(params, x).as_text()
+  kept = saving(params, x)
+  if recompute == "env":
+    monkeypatch.setenv("ESC_JAX_CPU_KERNEL_KEEP", "0")
+  else:
+    monkeypatch.setattr(kernels, "cpu_only", lambda: False)
+  recomputing = grads()
+  text = recomputing.lower(params, x).as_text()
+  assert "save = true" not in text and kernels.SWIN_BLOCK_GRAD_TARGET in text
+  jax.tree.map(np.testing.assert_array_equal, kept, recomputing(params, x))
+
+
 def test_nan_propagates_as_in_xla():
   """A NaN parameter gives NaN outputs and gradients, as the XLA block does (the kernels'
   clamps in exp / erf must not turn NaN into a finite value)."""

@@ -10,7 +10,8 @@
 //
 // Inputs are float32, tokens in window order (esc_jax.layers.attention): x (B, L, C)
 // with L = nW * 16. Weights are (in, out) as in the Flax parameters. The backward
-// recomputes each window's forward instead of keeping activations between the calls.
+// recomputes each window's forward, except qkv and fc1's output, which a training forward
+// keeps (`save`) for it.
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
@@ -426,17 +427,37 @@ struct Work {
   }
 };
 
+// Vectors a training forward keeps per window for the backward: the scaled qkv (3 C)
+// and fc1's output (hidden), the two largest matmuls of the backward's recomputation.
+inline int64_t saved_vectors(const Params& p) { return 3 * p.c + p.hidden; }
+
+inline void store_vectors(const vf* v, int n, float* dst) {
+  for (int k = 0; k < n; ++k) store16(dst + k * kLanes, v[k]);
+}
+
+inline void load_vectors(const float* src, int n, vf* v) {
+  for (int k = 0; k < n; ++k) v[k] = load16(src + k * kLanes);
+}
+
 // The block's forward on one window (rows: its (16, C) tokens), into w.out; keeps every
 // activation the backward needs in w (probabilities per head, GELU input and output).
-// Without `out` it stops before fc2, which the backward does not need.
-void forward_window(const float* rows, int64_t window, const Params& p, Work& w, bool out = true) {
+// Without `out` it stops before fc2, which the backward does not need. `save` (the
+// window's saved_vectors) receives qkv and fc1's output; with `saved` they are read
+// from there instead of computed (the same values: they were computed so).
+void forward_window(const float* rows, int64_t window, const Params& p, Work& w, bool out = true,
+                    float* save = nullptr, const float* saved = nullptr) {
   const int c = p.c, d = c / p.heads;
   load_transposed(rows, c, w.x);
   layer_norm(w.x, c, p.ln1_g, p.ln1_b, w.xn1, w.mean1, w.rstd1);
   if (p.real != nullptr) mask_padding(p, window, w.xn1);
-  linear(w.xn1, c, p.wqkv, p.bqkv, 3 * c, w.qkv);
-  const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
-  for (int e = 0; e < c; ++e) w.qkv[e] *= scale;  // q, scaled before its dot as in the original
+  if (saved != nullptr) {
+    load_vectors(saved, 3 * c, w.qkv);
+  } else {
+    linear(w.xn1, c, p.wqkv, p.bqkv, 3 * c, w.qkv);
+    const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
+    for (int e = 0; e < c; ++e) w.qkv[e] *= scale;  // q, scaled before its dot as in the original
+  }
+  if (save != nullptr) store_vectors(w.qkv, 3 * c, save);
   const float* mask =
       p.mask == nullptr ? nullptr : p.mask + (window % p.windows_per_item) * kLanes * kLanes;
   for (int head = 0; head < p.heads; ++head) {
@@ -464,7 +485,12 @@ void forward_window(const float* rows, int64_t window, const Params& p, Work& w,
   linear(w.att, c, p.wproj, p.bproj, c, w.x1);
   for (int k = 0; k < c; ++k) w.x1[k] += w.x[k];
   layer_norm(w.x1, c, p.ln2_g, p.ln2_b, w.xn2, w.mean2, w.rstd2);
-  linear(w.xn2, c, p.w1, p.b1, p.hidden, w.h);
+  if (saved != nullptr) {
+    load_vectors(saved + 3 * c * kLanes, p.hidden, w.h);
+  } else {
+    linear(w.xn2, c, p.w1, p.b1, p.hidden, w.h);
+  }
+  if (save != nullptr) store_vectors(w.h, p.hidden, save + 3 * c * kLanes);
   for (int k = 0; k < p.hidden; ++k) w.hg[k] = vgelu(w.h[k]);
   if (!out) return;
   linear(w.hg, p.hidden, p.w2, p.b2, c, w.out);
@@ -483,13 +509,13 @@ struct Grads {
         w1(c * hidden), w2(hidden * c) {}
 };
 
-// The block's backward on one window: recomputes the forward, then adds the parameter
-// gradients into gr and writes the input gradient rows (16, C) to drows. buf holds
-// 7 C + hidden vectors.
+// The block's backward on one window: recomputes the forward (qkv and fc1's output read
+// from `saved` where the forward kept them), then adds the parameter gradients into gr and
+// writes the input gradient rows (16, C) to drows. buf holds 7 C + hidden vectors.
 void backward_window(const float* rows, const float* grows, float* drows, int64_t window,
-                     const Params& p, Work& w, Grads& gr, vf* buf) {
+                     const Params& p, Work& w, Grads& gr, vf* buf, const float* saved) {
   const int c = p.c, hd = p.hidden, d = c / p.heads;
-  forward_window(rows, window, p, w, /*out=*/false);
+  forward_window(rows, window, p, w, /*out=*/false, nullptr, saved);
   vf* gy = buf;            // C: dL/dy
   vf* dh = gy + c;         // hidden
   vf* dx1 = dh + hd;       // C
@@ -632,19 +658,24 @@ constexpr int64_t kGradSlots = 16;
 ffi::Error SwinBlockFwd(ffi::ThreadPool pool, F32 x, F32 real, F32 mask, F32 ln1_g, F32 ln1_b,
                         F32 wqkv, F32 bqkv, F32 pos, F32 wproj, F32 bproj, F32 ln2_g, F32 ln2_b,
                         F32 w1, F32 b1, F32 w2, F32 b2, ffi::ResultBuffer<ffi::F32> y,
-                        int64_t heads, bool has_real, bool has_mask) {
+                        ffi::ResultBuffer<ffi::F32> saved, int64_t heads, bool has_real,
+                        bool has_mask, bool save) {
   Params p;
   ffi::Error err = make_params(x, real, mask, ln1_g, ln1_b, wqkv, bqkv, pos, wproj, bproj, ln2_g,
                                ln2_b, w1, b1, w2, b2, heads, has_real, has_mask, p);
   if (err.failure()) return err;
   const int64_t c = p.c, windows = x.element_count() / (kLanes * c);
+  const int64_t per_window = saved_vectors(p) * kLanes;
+  if (save && saved->element_count() != windows * per_window)
+    return ffi::Error::InvalidArgument("swin block: the saved activations' size does not match x");
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
+  float* keep = save ? saved->typed_data() : nullptr;
   parallel_for(
       pool, windows, kGrain, [&] { return Work(p.c, p.hidden, p.heads); },
       [&](Work& w, int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          forward_window(xs + i * kLanes * c, i, p, w);
+          forward_window(xs + i * kLanes * c, i, p, w, true, keep == nullptr ? nullptr : keep + i * per_window);
           store_transposed(w.out, p.c, ys + i * kLanes * c);
         }
       });
@@ -664,7 +695,7 @@ float lane_sum(vf v) {
   return s;
 }
 
-ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 real, F32 mask, F32 ln1_g,
+ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 saved, F32 real, F32 mask, F32 ln1_g,
                         F32 ln1_b, F32 wqkv, F32 bqkv, F32 pos, F32 wproj, F32 bproj, F32 ln2_g,
                         F32 ln2_b, F32 w1, F32 b1, F32 w2, F32 b2,
                         ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> d_ln1_g,
@@ -674,13 +705,17 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 real, F32 mask, 
                         ffi::ResultBuffer<ffi::F32> d_ln2_g, ffi::ResultBuffer<ffi::F32> d_ln2_b,
                         ffi::ResultBuffer<ffi::F32> d_w1, ffi::ResultBuffer<ffi::F32> d_b1,
                         ffi::ResultBuffer<ffi::F32> d_w2, ffi::ResultBuffer<ffi::F32> d_b2,
-                        int64_t heads, bool has_real, bool has_mask) {
+                        int64_t heads, bool has_real, bool has_mask, bool has_saved) {
   Params p;
   ffi::Error err = make_params(x, real, mask, ln1_g, ln1_b, wqkv, bqkv, pos, wproj, bproj, ln2_g,
                                ln2_b, w1, b1, w2, b2, heads, has_real, has_mask, p);
   if (err.failure()) return err;
   if (g.element_count() != x.element_count())
     return ffi::Error::InvalidArgument("swin block: the cotangent's shape differs from x");
+  const int64_t per_window = saved_vectors(p) * kLanes;
+  if (has_saved && saved.element_count() != x.element_count() / (kLanes * p.c) * per_window)
+    return ffi::Error::InvalidArgument("swin block: the saved activations' size does not match x");
+  const float* kept = has_saved ? saved.typed_data() : nullptr;
   const int c = p.c, hd = p.hidden;
   const std::vector<float> wqkv_t = transposed(p.wqkv, c, 3 * c), wproj_t = transposed(p.wproj, c, c);
   const std::vector<float> w1_t = transposed(p.w1, c, hd), w2_t = transposed(p.w2, hd, c);
@@ -709,7 +744,7 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 real, F32 mask, 
           Slot& l = *done[s];
           for (int64_t i = s * windows / slots; i < (s + 1) * windows / slots; ++i)
             backward_window(xs + i * kLanes * c, gs + i * kLanes * c, dxs + i * kLanes * c, i, p, l.w, l.gr,
-                            l.buf.get());
+                            l.buf.get(), kept == nullptr ? nullptr : kept + i * per_window);
         }
       });
   auto add_vectors = [](const std::vector<vf>& src, float* dst) {
@@ -761,14 +796,20 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 real, F32 mask, 
 #define ESC_ATTRS .Attr<int64_t>("heads").Attr<bool>("has_real").Attr<bool>("has_mask")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EscSwinBlockFwd, SwinBlockFwd,
-                              ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>() /* x */
-                                  ESC_PARAM_ARGS.Ret<F32>() /* y */ ESC_ATTRS);
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>() /* x */
+                                  ESC_PARAM_ARGS
+                                  .Ret<F32>() /* y */
+                                  .Ret<F32>() /* saved activations (with save; else unused) */
+                                  ESC_ATTRS.Attr<bool>("save"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EscSwinBlockBwd, SwinBlockBwd,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<F32>() /* x */
                                   .Arg<F32>() /* dL/dy */
+                                  .Arg<F32>() /* the forward's saved activations (with has_saved) */
                                   ESC_PARAM_ARGS
                                   .Ret<F32>() /* dL/dx */
                                   .Ret<F32>()
@@ -784,4 +825,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EscSwinBlockBwd, SwinBlockBwd,
                                   .Ret<F32>()
                                   .Ret<F32>()
                                   .Ret<F32>() /* the parameters' gradients, in the arguments' order */
-                                  ESC_ATTRS);
+                                  ESC_ATTRS.Attr<bool>("has_saved"));

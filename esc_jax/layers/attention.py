@@ -10,6 +10,7 @@ at trace time, so nothing about them is recomputed per step.
 from __future__ import annotations
 
 import functools
+import math
 
 import flax.linen as nn
 import jax
@@ -394,21 +395,33 @@ def _position_bias(table, window: int):
   return bias.reshape(n, n, -1).transpose(2, 1, 0)
 
 
-def _ffi_block(params, x, spec):
-  """`SwinBlock` as the fused CPU kernel (window 4, float32, window order)."""
+def _saved_size(x, spec) -> int:
+  """float32 values a training forward keeps for the backward kernel: per token the
+  scaled qkv (3 C) and fc1's output (hidden)."""
+  dim, _, _, _, mlp_ratio, _ = spec
+  return math.prod(x.shape[:-1]) * (3 * dim + int(dim * mlp_ratio))
+
+
+def _ffi_block(params, x, spec, save: bool = False):
+  """`SwinBlock` as the fused CPU kernel (window 4, float32, window order): y, or with
+  `save` (y, the activations `_ffi_block_vjp` reads instead of recomputing them)."""
   args, attrs = _kernel_inputs(params, x, spec)
-  call = jax.ffi.ffi_call(kernels.SWIN_BLOCK_TARGET, jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          vmap_method="sequential")
-  return call(x, *args, **attrs)
+  shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct((_saved_size(x, spec) if save else 1,),
+                                                                         jnp.float32)]
+  call = jax.ffi.ffi_call(kernels.SWIN_BLOCK_TARGET, shapes, vmap_method="sequential")
+  y, saved = call(x, *args, save=save, **attrs)
+  return (y, saved) if save else y
 
 
-def _ffi_block_vjp(params, x, g, spec):
+def _ffi_block_vjp(params, x, g, spec, saved=None):
   """(d params, dx) of `SwinBlock` from the fused CPU backward kernel, which recomputes
-  the block's activations per window instead of keeping them."""
+  the block's activations per window, except those a forward with `save` kept (`saved`)."""
   args, attrs = _kernel_inputs(params, x, spec)
   shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, *args[2:])]
   call = jax.ffi.ffi_call(kernels.SWIN_BLOCK_GRAD_TARGET, shapes, vmap_method="sequential")
-  dx, *grads = call(x, g, *args, **attrs)
+  has_saved = saved is not None
+  saved = saved if has_saved else np.zeros((1,), np.float32)
+  dx, *grads = call(x, g, saved, *args, has_saved=has_saved, **attrs)
   by_path = {}
   for path, grad in zip(_KERNEL_PARAMS, grads):
     if path is None:
@@ -435,16 +448,22 @@ def _grad_by_kernel(spec) -> bool:
 def _fused_block_fwd(params, x, spec):
   if not _grad_by_kernel(spec):  # XLA's forward and backward (it keeps its activations)
     return jax.vjp(functools.partial(_xla_block, spec=spec), params, x)
-  return _fused_block(params, x, spec), (params, x)
+  if kernels.keeps_activations():  # the kernels both ways: the forward keeps qkv and fc1's output
+    y, saved = _ffi_block(params, x, spec, save=True)
+    return y, (params, x, saved)
+  return _fused_block(params, x, spec), (params, x, None)
 
 
 def _fused_block_bwd(spec, res, g):
   if not _grad_by_kernel(spec):
     return res(g)
+  params, x, saved = res
+  if saved is not None:
+    return _ffi_block_vjp(params, x, g, spec, saved)
 
   def xla_vjp(params, x, g):
     return jax.vjp(functools.partial(_xla_block, spec=spec), params, x)[1](g)
-  return kernels.on_cpu(*res, g, cpu=functools.partial(_ffi_block_vjp, spec=spec), default=xla_vjp)
+  return kernels.on_cpu(params, x, g, cpu=functools.partial(_ffi_block_vjp, spec=spec), default=xla_vjp)
 
 
 _fused_block.defvjp(_fused_block_fwd, _fused_block_bwd)
