@@ -55,7 +55,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-from bench_codec import random_params, speech  # noqa: E402  (bench/ on the path above)
+import traces  # noqa: E402  (bench/ on the path above)
+from bench_codec import random_params, speech  # noqa: E402
 from esc_jax.train_lib import xla_cost  # noqa: E402
 
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Compute dtypes to time.")
@@ -246,29 +247,22 @@ def kernel_summary(trace_dir: str, steps: int, step_s: float, top: int = 12) -> 
   calls, and the `top` kernels by time. Kernels: the device's stream lines (GPU), else
   XLA:CPU's thunks on its worker threads (which run in parallel: shares can pass 100%)."""
   import collections
-  import glob
-  import gzip
   import shutil
-  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")),
-                 key=os.path.getmtime)
-  if not files:
+  path = traces.newest(trace_dir)
+  if path is None:
     return f"no trace under {trace_dir}"
-  shutil.copyfile(files[-1], os.path.join(trace_dir, "train_step.trace.json.gz"))
-  with gzip.open(files[-1]) as f:
-    events = json.load(f)["traceEvents"]
+  shutil.copyfile(path, os.path.join(trace_dir, "train_step.trace.json.gz"))
+  events = traces.events(path)
   meta = {(e["pid"], e.get("tid"), e["name"]): e["args"]["name"] for e in events
           if e.get("ph") == "M" and e.get("name") in ("process_name", "thread_name")}
   device_pids = {pid for (pid, _, n), v in meta.items() if n == "process_name" and v.startswith("/device:")}
-  threads = {(pid, tid): v for (pid, tid, n), v in meta.items() if n == "thread_name"}
   if device_pids:  # the stream lines, else every device line but XLA's op/module/step annotations
-    device = {k: v for k, v in threads.items() if k[0] in device_pids}
+    device = {(pid, tid): v for (pid, tid, n), v in meta.items() if n == "thread_name" and pid in device_pids}
     lines = {k for k, v in device.items() if v.startswith("Stream")} or {
         k for k, v in device.items() if not v.startswith(("XLA", "Steps", "Framework"))}
-    is_kernel = lambda name: True  # noqa: E731
-  else:  # XLA:CPU's worker threads: the thunks, not the executor calls around them
-    lines = {k for k, v in threads.items() if "XLA" in v}
-    is_kernel = lambda name: "::" not in name  # noqa: E731
-  kernels = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in lines and is_kernel(e["name"])]
+    kernels = [e for e in events if e.get("ph") == "X" and (e["pid"], e.get("tid")) in lines]
+  else:
+    kernels = traces.xla_cpu_thunks(events)
   per_name = collections.defaultdict(lambda: [0.0, 0])
   for e in kernels:
     per_name[e["name"]][0] += e["dur"]

@@ -12,8 +12,6 @@ compilation is reported separately and warm-up steps are not timed.
 from __future__ import annotations
 
 import collections
-import glob
-import gzip
 import json
 import os
 import pathlib
@@ -26,6 +24,9 @@ from ml_collections import config_flags
 
 ROOT = pathlib.Path(__file__).absolute().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import traces  # noqa: E402  (bench/ on the path above)
 
 config_flags.DEFINE_config_file("config", str(ROOT / "configs" / "9kbps.py"), "Training config (model, recipe).")
 flags.DEFINE_integer("batch_size", 4, "Global batch.")
@@ -67,19 +68,12 @@ def cpu_step_breakdown(trace_dir: str, hlo_text: str, steps: int, step_s: float,
   indices folded) and whether it is forward or backward (under `transpose(`), library
   (YNN/XNN) matmul and convolution fusions apart. Thunks of one step can overlap in time,
   so the shares of the `step_s` step can add up to more than 100%."""
-  files = sorted(glob.glob(os.path.join(trace_dir, "plugins", "profile", "*", "*.trace.json.gz")),
-                 key=os.path.getmtime)
-  if not files:
+  path = traces.newest(trace_dir)
+  if path is None:
     return f"no trace under {trace_dir}"
-  with gzip.open(files[-1]) as f:
-    events = json.load(f)["traceEvents"]
-  workers = {(e["pid"], e.get("tid")) for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name" and "XLA" in e["args"]["name"]}
   lines = {m.group(1): m.group(2) for m in re.finditer(r"^\s*(?:ROOT )?%([\w.\-]+) = (.*)$", hlo_text, re.M)}
   groups = collections.defaultdict(lambda: [0.0, 0])
-  for e in events:
-    if e.get("ph") != "X" or (e["pid"], e.get("tid")) not in workers or "::" in e["name"]:
-      continue
+  for e in traces.xla_cpu_thunks(traces.events(path)):
     line = lines.get(e["name"], "")
     target = re.search(r'custom_call_target="([^"]+)"', line)
     op = re.search(r'op_name="([^"]*)"', line)

@@ -35,11 +35,13 @@ SWIN_BLOCK_TARGET = "esc_swin_block_fwd"
 SWIN_BLOCK_GRAD_TARGET = "esc_swin_block_bwd"
 
 
-_OFF = ("0", "off", "false", "no", "")
+def _env_off(name: str) -> bool:
+  """Whether environment variable `name` (on when unset) is set to 0 / off / false / no / empty."""
+  return os.environ.get(name, "1").strip().lower() in ("0", "off", "false", "no", "")
 
 
 def _disabled() -> bool:
-  return os.environ.get("ESC_JAX_CPU_KERNELS", "1").strip().lower() in _OFF
+  return _env_off("ESC_JAX_CPU_KERNELS")
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,7 +127,7 @@ def keeps_activations() -> bool:
   the backward kernel, which then reads instead of recomputing them: the train step ~5%
   faster for ~0.3 GB more step memory per 3 s ESC-Base clip. Where the CPU is the only
   backend, unless `ESC_JAX_CPU_KERNEL_KEEP=0`."""
-  return cpu_only() and os.environ.get("ESC_JAX_CPU_KERNEL_KEEP", "1").strip().lower() not in _OFF
+  return cpu_only() and not _env_off("ESC_JAX_CPU_KERNEL_KEEP")
 
 
 def cpu_only() -> bool:

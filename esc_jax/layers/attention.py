@@ -359,6 +359,9 @@ def _xla_block(params, x, spec):
   return block.apply({"params": params}, x, hw)
 
 
+_ABSENT = np.zeros((1,), np.float32)  # a kernel argument that is not there (its has_* attribute false)
+
+
 def _kernel_inputs(params, x, spec):
   """(arrays after x, attributes) of the fused block kernels: the padding and shift
   masks, then the parameters in `_KERNEL_PARAMS` order, the position bias as
@@ -367,9 +370,8 @@ def _kernel_inputs(params, x, spec):
   hp, wp = padded_size(h, window), padded_size(w, window)
   real = padding_mask(h, w, window, shift)
   mask = shift_mask(hp, wp, window, shift).transpose(0, 2, 1) if shift else None
-  unused = np.zeros((1,), np.float32)
   table = params["attn"]["relative_position_bias_table"]
-  args = [unused if real is None else real.reshape(-1), unused if mask is None else mask]
+  args = [_ABSENT if real is None else real.reshape(-1), _ABSENT if mask is None else mask]
   for path in _KERNEL_PARAMS:
     args.append(_position_bias(table, window) if path is None else _at(params, path))
   return args, dict(heads=np.int64(heads), has_real=real is not None, has_mask=mask is not None)
@@ -419,9 +421,7 @@ def _ffi_block_vjp(params, x, g, spec, saved=None):
   args, attrs = _kernel_inputs(params, x, spec)
   shapes = [jax.ShapeDtypeStruct(a.shape, jnp.float32) for a in (x, *args[2:])]
   call = jax.ffi.ffi_call(kernels.SWIN_BLOCK_GRAD_TARGET, shapes, vmap_method="sequential")
-  has_saved = saved is not None
-  saved = saved if has_saved else np.zeros((1,), np.float32)
-  dx, *grads = call(x, g, saved, *args, has_saved=has_saved, **attrs)
+  dx, *grads = call(x, g, _ABSENT if saved is None else saved, *args, has_saved=saved is not None, **attrs)
   by_path = {}
   for path, grad in zip(_KERNEL_PARAMS, grads):
     if path is None:
