@@ -162,34 +162,51 @@ inline vf vgelu_grad(vf x) {
   return 0.5f * (1.0f + verf(x * kSqrtHalf)) + x * (0.39894228040143268f * vexp(-0.5f * x * x));
 }
 
-// out[o] = bias[o] + sum_k in[k] * w[k, o] for o < n_out; w is (n_in, n_out) row-major,
-// bias may be null.
+// Weights are packed for `linear` into column panels: the outputs o..o+b-1 (b = kBlock, or
+// what is left at the end) of every input k lie together, at pw[o * n_in + k * b + j]. A
+// pass over one panel then reads its weights in order, instead of one cache line per input.
+// w is (n_in, n_out) row-major, or (n_out, n_in) with `transpose`.
+std::vector<float> packed(const float* w, int n_in, int n_out, bool transpose = false) {
+  std::vector<float> pw(static_cast<size_t>(n_in) * n_out);
+  for (int o = 0; o < n_out; o += kBlock) {
+    const int b = std::min(kBlock, n_out - o);
+    float* panel = pw.data() + static_cast<int64_t>(o) * n_in;
+    for (int k = 0; k < n_in; ++k)
+      for (int j = 0; j < b; ++j)
+        panel[k * b + j] = transpose ? w[static_cast<int64_t>(o + j) * n_in + k] : w[static_cast<int64_t>(k) * n_out + o + j];
+  }
+  return pw;
+}
+
+// out[o + j] = bias[o + j] + sum_k in[k] * panel[k * OB + j] for j < OB; bias may be null.
 template <int OB>
-inline void linear_block(const vf* in, int n_in, const float* w, int n_out, const float* bias,
-                         int o, vf* out) {
+inline void linear_block(const vf* in, int n_in, const float* panel, const float* bias, vf* out) {
   vf acc[OB];
   for (int j = 0; j < OB; ++j) acc[j] = vf{};
   for (int k = 0; k < n_in; ++k) {
     const vf xk = in[k];
-    const float* wk = w + static_cast<int64_t>(k) * n_out + o;
+    const float* wk = panel + k * OB;
     for (int j = 0; j < OB; ++j) acc[j] += xk * wk[j];
   }
-  for (int j = 0; j < OB; ++j) out[o + j] = bias == nullptr ? acc[j] : acc[j] + bias[o + j];
+  for (int j = 0; j < OB; ++j) out[j] = bias == nullptr ? acc[j] : acc[j] + bias[j];
 }
 
 template <int OB>
-inline void linear_tail(const vf* in, int n_in, const float* w, int n_out, const float* bias,
-                        int o, vf* out) {
+inline void linear_tail(const vf* in, int n_in, const float* panel, const float* bias, int b, vf* out) {
   if constexpr (OB > 0) {
-    if (n_out - o == OB) return linear_block<OB>(in, n_in, w, n_out, bias, o, out);
-    linear_tail<OB - 1>(in, n_in, w, n_out, bias, o, out);
+    if (b == OB) return linear_block<OB>(in, n_in, panel, bias, out);
+    linear_tail<OB - 1>(in, n_in, panel, bias, b, out);
   }
 }
 
-void linear(const vf* in, int n_in, const float* w, const float* bias, int n_out, vf* out) {
+// out[o] = bias[o] + sum_k in[k] * w[k, o] for o < n_out, with w packed (see `packed`).
+void linear(const vf* in, int n_in, const float* pw, const float* bias, int n_out, vf* out) {
   int o = 0;
-  for (; o + kBlock <= n_out; o += kBlock) linear_block<kBlock>(in, n_in, w, n_out, bias, o, out);
-  if (o < n_out) linear_tail<kBlock - 1>(in, n_in, w, n_out, bias, o, out);
+  for (; o + kBlock <= n_out; o += kBlock)
+    linear_block<kBlock>(in, n_in, pw + static_cast<int64_t>(o) * n_in, bias == nullptr ? nullptr : bias + o, out + o);
+  if (o < n_out)
+    linear_tail<kBlock - 1>(in, n_in, pw + static_cast<int64_t>(o) * n_in, bias == nullptr ? nullptr : bias + o,
+                            n_out - o, out + o);
 }
 
 // LayerNorm over channels (two-pass statistics, eps 1e-5); keeps the mean and 1/std.
@@ -399,15 +416,34 @@ inline void contract_rows(const vf* a, const vf* b, int d, vf* out) {
 }
 
 struct Params {
+  // wqkv, wproj, w1, w2: as given (n_in, n_out), then packed for `linear` (pack_weights).
   const float *ln1_g, *ln1_b, *wqkv, *bqkv, *pos, *wproj, *bproj;
   const float *ln2_g, *ln2_b, *w1, *b1, *w2, *b2;
   const float* real;  // (L,) 1/0 per token in window order, or null
   const float* mask;  // (nW, 16, 16) shift mask as [window][key][query], or null
   int c, hidden, heads;
   int64_t windows_per_item;
-  // Backward only: the weights transposed to (out, in).
+  // Backward only: the four matrices transposed to (n_out, n_in), packed.
   const float *wqkv_t, *wproj_t, *w1_t, *w2_t;
 };
+
+// The four matrices packed for `linear` (pack_weights points p's weights at them), and
+// for the backward their transposes.
+struct Packed {
+  std::vector<float> wqkv, wproj, w1, w2, wqkv_t, wproj_t, w1_t, w2_t;
+};
+
+void pack_weights(Params& p, Packed& pk, bool transposes) {
+  const int c = p.c, hd = p.hidden;
+  if (transposes) {  // transposed (n_out, n_in) -> panels of (n_in rows of n_out)
+    pk.wqkv_t = packed(p.wqkv, 3 * c, c, true), pk.wproj_t = packed(p.wproj, c, c, true);
+    pk.w1_t = packed(p.w1, hd, c, true), pk.w2_t = packed(p.w2, c, hd, true);
+    p.wqkv_t = pk.wqkv_t.data(), p.wproj_t = pk.wproj_t.data(), p.w1_t = pk.w1_t.data(), p.w2_t = pk.w2_t.data();
+  }
+  pk.wqkv = packed(p.wqkv, c, 3 * c), pk.wproj = packed(p.wproj, c, c);
+  pk.w1 = packed(p.w1, c, hd), pk.w2 = packed(p.w2, hd, c);
+  p.wqkv = pk.wqkv.data(), p.wproj = pk.wproj.data(), p.w1 = pk.w1.data(), p.w2 = pk.w2.data();
+}
 
 // v[k] *= the window's 1/0 real-token lanes, for k < C (p.real must be set).
 inline void mask_padding(const Params& p, int64_t window, vf* v) {
@@ -671,6 +707,8 @@ ffi::Error SwinBlockFwd(ffi::ThreadPool pool, F32 x, F32 real, F32 mask, F32 ln1
   const float* xs = x.typed_data();
   float* ys = y->typed_data();
   float* keep = save ? saved->typed_data() : nullptr;
+  Packed pk;
+  pack_weights(p, pk, /*transposes=*/false);
   parallel_for(
       pool, windows, kGrain, [&] { return Work(p.c, p.hidden, p.heads); },
       [&](Work& w, int64_t begin, int64_t end) {
@@ -680,13 +718,6 @@ ffi::Error SwinBlockFwd(ffi::ThreadPool pool, F32 x, F32 real, F32 mask, F32 ln1
         }
       });
   return ffi::Error::Success();
-}
-
-std::vector<float> transposed(const float* w, int64_t n_in, int64_t n_out) {
-  std::vector<float> t(n_in * n_out);
-  for (int64_t i = 0; i < n_in; ++i)
-    for (int64_t o = 0; o < n_out; ++o) t[o * n_in + i] = w[i * n_out + o];
-  return t;
 }
 
 float lane_sum(vf v) {
@@ -717,9 +748,8 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 saved, F32 real,
     return ffi::Error::InvalidArgument("swin block: the saved activations' size does not match x");
   const float* kept = has_saved ? saved.typed_data() : nullptr;
   const int c = p.c, hd = p.hidden;
-  const std::vector<float> wqkv_t = transposed(p.wqkv, c, 3 * c), wproj_t = transposed(p.wproj, c, c);
-  const std::vector<float> w1_t = transposed(p.w1, c, hd), w2_t = transposed(p.w2, hd, c);
-  p.wqkv_t = wqkv_t.data(), p.wproj_t = wproj_t.data(), p.w1_t = w1_t.data(), p.w2_t = w2_t.data();
+  Packed pk;
+  pack_weights(p, pk, /*transposes=*/true);
   ffi::ResultBuffer<ffi::F32>* outs[] = {&d_ln1_g, &d_ln1_b, &d_wqkv, &d_bqkv, &d_pos, &d_wproj, &d_bproj,
                                          &d_ln2_g, &d_ln2_b, &d_w1,   &d_b1,   &d_w2,  &d_b2};
   for (auto* o : outs) std::fill_n((*o)->typed_data(), (*o)->element_count(), 0.0f);
