@@ -7,6 +7,8 @@
 Rows (ESC-Base shapes, float32, random weights; the first, compiling call is
 never timed):
   dot_peak         a 2048 x 2048 float32 jnp.dot: the machine's matmul peak
+  fma_peak         the CPU's float32 multiply-add peak on all cores (bench/fma_peak.c, built
+                   with the system C compiler; the row is left out without one)
   infer            encode + decode of 10 s at 9 and 1.5 kbps, and of 60 s whole
   infer_chunked    60 s through the CLI path (compress_file + decompress_file:
                    files, chunks of 10 s with exact context)
@@ -18,8 +20,8 @@ never timed):
   accelerator      on a GPU/TPU, bench_gpu.py's rows: the card's ceilings, train clips/s at
                    batch 36 and the largest batch per compute dtype, batched inference
                    (there they replace the batch-4 train rows; --skip accel leaves them out)
-GFLOP come from XLA's cost analysis of the programs before optimisation; "% peak" is
-achieved GFLOP/s over dot_peak.
+GFLOP come from XLA's cost analysis of the programs before optimisation; "% dot" is
+achieved GFLOP/s over dot_peak, "% FMA" over fma_peak.
 The original is timed with ../shared/tools/reference (and bench/reference_streams.py
 for 1.5 kbps) right after our rows; absolute times drift on shared machines, so
 compare ratios measured in one run.
@@ -53,6 +55,20 @@ def dot_peak(n: int = 2048, repeats: int = 10) -> float:
     r = f(a, a)
   r.block_until_ready()
   return 2 * n ** 3 * repeats / (time.perf_counter() - t) / 1e9
+
+
+def fma_peak(threads: int) -> float | None:
+  """GFLOP/s of bench/fma_peak.c on `threads` threads, or None without a C compiler."""
+  cc = os.environ.get("CC", "cc")
+  with tempfile.TemporaryDirectory() as tmp:
+    exe = os.path.join(tmp, "fma_peak")
+    try:
+      subprocess.run([cc, "-O3", "-march=native", "-pthread", os.path.join(ROOT, "bench", "fma_peak.c"), "-o", exe],
+                     check=True, capture_output=True, timeout=120)
+      out = subprocess.run([exe, str(threads)], check=True, capture_output=True, text=True, timeout=300).stdout
+    except (OSError, subprocess.SubprocessError):
+      return None
+  return float(out.split()[0])
 
 
 def infer_rows(codec, repeats: int) -> list[dict]:
@@ -168,8 +184,8 @@ def main() -> None:
   from bench_codec import make_codec
   cache = tempfile.mkdtemp(prefix="esc_bench_xla_")
   runtime.enable_compile_cache(cache)
-  peak = dot_peak()
-  rows = [dict(work="dot_peak", gflop_per_s=peak)]
+  peak, fma = dot_peak(), fma_peak(os.cpu_count() or 1) if cpu else None
+  rows = [dict(work="dot_peak", gflop_per_s=peak)] + ([dict(work="fma_peak", gflop_per_s=fma)] if fma else [])
   codec = make_codec("random") if not {"infer", "chunked"} <= skip else None
   if "infer" not in skip:
     rows += infer_rows(codec, args.repeats)
@@ -187,13 +203,17 @@ def main() -> None:
   for r in rows:
     if r.get("accel"):  # the original's times are CPU times: no ratio against an accelerator
       continue
-    if "gflop_per_s" in r and r["work"] != "dot_peak":
+    if "gflop_per_s" in r and not r["work"].endswith("_peak"):
       r["pct_peak"] = 100 * r["gflop_per_s"] / peak
+      if fma:
+        r["pct_fma"] = 100 * r["gflop_per_s"] / fma
     key = {"infer": lambda: ("infer", r["audio_s"], round(r["kbps"] / 1.5)),
            "train_step": lambda: ("train_step", 3, r["batch"])}.get(r["work"])
     if key and key() in ref:
       mine = r["s"] if r["work"] == "infer" else r["s_per_step"]
       r["original_s"], r["ratio"] = ref[key()], ref[key()] / mine
+      if fma and r.get("gflop_per_s"):  # the same FLOP in the original's time
+        r["original_pct_fma"] = r["pct_fma"] / r["ratio"]
   device = f"{len(jax.devices())} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs"
   load = os.getloadavg()[0]
   malloc = os.path.basename(runtime.preloaded_allocator() or "system malloc")  # the original's as well
@@ -204,7 +224,7 @@ def main() -> None:
   import esc_jax
   print(f"esc-jax {esc_jax.__version__}, jax {jax.__version__} on {device}, load average {load:.1f}, "
         f"malloc: {malloc} (ours and the original's)")
-  print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% peak':>7}  notes")
+  print(f"{'work':<15} {'setting':<24} {'ours':>10} {'original':>9} {'ratio':>6} {'GFLOP/s':>8} {'% dot':>6} {'% FMA':>6}  notes")
   for r in rows:
     w = r["work"]
     if r.get("accel"):
@@ -213,6 +233,8 @@ def main() -> None:
       continue
     if w == "dot_peak":
       setting, ours, note = "2048^2 float32", "", ""
+    elif w == "fma_peak":
+      setting, ours, note = f"{os.cpu_count()} threads", "", "12 FMA chains per thread"
     elif w.startswith("infer"):
       setting = f"{r['audio_s']:g} s, {r['kbps']:g} kbps" + (", CLI chunks" if w == "infer_chunked" else "")
       ours, note = f"{r['s']:.3f} s", f"RTF {r['rtf']:.3f}, {r['cpu_s']:.2f} CPU-s"
@@ -224,11 +246,14 @@ def main() -> None:
     else:
       setting, ours = f"{r['num_workers']} workers, batch 36", f"{r['clips_per_s']:.0f}/s"
       note = f"{r['cpu_ms_per_clip']:.2f} CPU-ms per clip"
+    if "original_pct_fma" in r:
+      note += f"; original {r['original_pct_fma']:.0f}% FMA"
     orig = f"{r['original_s']:.3f} s" if "original_s" in r else ""
     ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
     gf = f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else ""
     pct = f"{r['pct_peak']:.0f}%" if "pct_peak" in r else ""
-    print(f"{w:<15} {setting:<24} {ours:>10} {orig:>9} {ratio:>6} {gf:>8} {pct:>7}  {note}")
+    pct_fma = f"{r['pct_fma']:.0f}%" if "pct_fma" in r else ""
+    print(f"{w:<15} {setting:<24} {ours:>10} {orig:>9} {ratio:>6} {gf:>8} {pct:>6} {pct_fma:>6}  {note}")
 
 
 if __name__ == "__main__":

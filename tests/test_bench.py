@@ -112,3 +112,10 @@ def test_cpu_step_breakdown_groups_thunks_by_kernel_module_and_direction(tmp_pat
       "2.0 ms 2.0% 1x forward ESC.cross_scale/decoder.up/blocks_i/swint_blocks_i",
       "1.0 ms 1.0% 1x forward (top level)",
   ], rows
+
+
+def test_fma_peak_runs_the_c_program_or_says_there_is_no_compiler(monkeypatch):
+  gflops = float(_bench("bench", "bench.fma_peak(1)"))
+  assert 1 < gflops < 1e4  # one core: a few to a few hundred GFLOP/s
+  monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+  assert _bench("bench", "bench.fma_peak(1)").strip() == "None"
