@@ -25,7 +25,7 @@ def _block_and_input(c, heads, hw, shift, batch, seed=0):
   tokens = A.padded_size(h, 4) * A.padded_size(w, 4)
   x = jax.random.normal(jax.random.PRNGKey(seed), (batch, tokens, c))
   block = A.SwinBlock(c, heads, 4, shift)
-  params = block.init(jax.random.PRNGKey(1), x, hw)["params"]
+  params = jax.jit(block.init, static_argnums=2)(jax.random.PRNGKey(1), x, hw)["params"]  # one compile
   # Away from the init's zero biases / unit scales, so every parameter matters.
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
@@ -41,6 +41,11 @@ def _real_tokens(hw, shift):
 
 def _apply(block, params, x, hw, fused):
   return block.clone(fused=fused).apply({"params": params}, x, hw)
+
+
+def _jitted(block, hw, fused):
+  """_apply compiled (one compile, where running it eagerly compiles each operation)."""
+  return jax.jit(lambda p, x: _apply(block, p, x, hw, fused))
 
 
 def test_kernel_builds_here():
@@ -59,9 +64,9 @@ CASES = [(45, 3, (32, 40), 1), (72, 6, (16, 30), 2), (8, 1, (8, 30), 2), (12, 2,
 def test_fused_block_equals_xla_block(c, heads, hw, batch, shift):
   assert A.keeps_window_order(*hw, 4)
   block, params, x = _block_and_input(c, heads, hw, shift, batch)
-  fused = jax.jit(lambda p, x: _apply(block, p, x, hw, True))
+  fused = _jitted(block, hw, True)
   assert kernels.SWIN_BLOCK_TARGET in fused.lower(params, x).as_text()
-  got, want = np.asarray(fused(params, x)), np.asarray(_apply(block, params, x, hw, False))
+  got, want = np.asarray(fused(params, x)), np.asarray(_jitted(block, hw, False)(params, x))
   real = _real_tokens(hw, shift)
   np.testing.assert_allclose(got[:, real], want[:, real], rtol=1e-5, atol=1e-5 * np.abs(want).max())
   assert np.isfinite(got).all()  # padding tokens too: later blocks carry them
@@ -126,8 +131,8 @@ def test_nan_propagates_as_in_xla():
   block, params, x = _block_and_input(8, 1, hw, 2, 1)
   params["attn"]["relative_position_bias_table"] = params["attn"]["relative_position_bias_table"].at[0, 0].set(np.nan)
   for fused in (True, False):
-    y = _apply(block, params, x, hw, fused)
-    g = jax.grad(lambda p: jnp.sum(_apply(block, p, x, hw, fused)))(params)
+    y = _jitted(block, hw, fused)(params, x)
+    g = jax.jit(jax.grad(lambda p: jnp.sum(_apply(block, p, x, hw, fused))))(params)
     assert np.isnan(np.asarray(y)).any() and np.isnan(np.asarray(g["mlp"]["linear_2"]["kernel"])).any()
 
 

@@ -1,6 +1,8 @@
 """Layer-level properties of the fast paths (exact rewrites of the original's ops)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 import pytest
@@ -14,7 +16,7 @@ def test_fused_deembed_equals_two_convolutions(shape):
   key = jax.random.PRNGKey(sum(shape))
   x = jax.random.normal(key, shape)
   fused = PatchDeEmbed(2, shape[-1])
-  params = fused.init(key, x)
+  params = jax.jit(fused.init)(key, x)
   params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(key, a.shape), params)
   ours = np.asarray(jax.jit(fused.apply)(params, x))
   ref = np.asarray(jax.jit(PatchDeEmbed(2, shape[-1], fused=False).apply)(params, x))
@@ -187,13 +189,13 @@ def test_window_order_with_padding_equals_grid_order(hw, monkeypatch):
   assert attention.keeps_window_order(*hw, 4)
   layer = attention.TransformerLayer(12, 12, 3, depth=4)
   x = jax.random.normal(jax.random.PRNGKey(hw[1]), (2, *hw, 12))
-  params = layer.init(jax.random.PRNGKey(0), x)
+  params = jax.jit(layer.init)(jax.random.PRNGKey(0), x)
   params = jax.tree_util.tree_map(lambda a: a + 0.1 * jax.random.normal(jax.random.PRNGKey(1), a.shape), params)
 
-  def run():
+  def run():  # jitted: one compile instead of one per operation
     f = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)))  # noqa: E731
     with jax.default_matmul_precision("highest"):
-      return jax.value_and_grad(f, argnums=(0, 1))(params, x)
+      return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(params, x)
 
   (v, (gp, gx)) = run()
   monkeypatch.setattr(attention, "keeps_window_order", lambda h, w, window: False)
@@ -212,11 +214,13 @@ def test_transformer_layer_bf16_close_to_float32(hw):
   from esc_jax.layers.attention import TransformerLayer
   x = jax.random.normal(jax.random.PRNGKey(3), (2, *hw, 12))
   layers = {dt: TransformerLayer(12, 12, 3, dtype=dt) for dt in (jnp.float32, jnp.bfloat16)}
-  params = layers[jnp.float32].init(jax.random.PRNGKey(0), x)
+  params = jax.jit(layers[jnp.float32].init)(jax.random.PRNGKey(0), x)
   out = {}
   for dt, layer in layers.items():
-    y, vjp = jax.vjp(lambda p: layer.apply(p, x), params)
-    out[dt] = (y, vjp(jnp.ones_like(y))[0])
+    def value_and_vjp(p, layer=layer):  # jitted: one compile instead of one per operation
+      y, vjp = jax.vjp(lambda q: layer.apply(q, x), p)
+      return y, vjp(jnp.ones_like(y))[0]
+    out[dt] = jax.jit(value_and_vjp)(params)
   (y16, g16), (y32, g32) = out[jnp.bfloat16], out[jnp.float32]
   assert y16.shape == y32.shape == x.shape
   assert np.abs(np.asarray(y16, np.float32) - np.asarray(y32)).max() <= 0.05 * np.abs(np.asarray(y32)).max()
@@ -240,17 +244,22 @@ def test_strided_conv_vjp_equals_autodiff(kernel, stride, padding, hw):
   w = jax.random.normal(k2, (*kernel, 3, 4))
   ref = lambda x, w: jax.lax.conv_general_dilated(x, w, stride, padding,  # noqa: E731
                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  ours = lambda x, w: strided_conv2d(x, w, stride, padding)  # noqa: E731
+
+  @functools.partial(jax.jit, static_argnums=0)  # one compile, not one per operation
+  def value_and_cotangents(f, x, w, g):
+    y, vjp = jax.vjp(f, x, w)
+    return y, vjp(g)
+
+  g = jax.random.normal(k3, jax.eval_shape(ours, x, w).shape)
   with jax.default_matmul_precision("highest"):
-    y, vjp = jax.vjp(lambda x, w: strided_conv2d(x, w, stride, padding), x, w)
-    y_ref, vjp_ref = jax.vjp(ref, x, w)
-    g = jax.random.normal(k3, y.shape)
-    grads, grads_ref = vjp(g), vjp_ref(g)
+    y, grads = value_and_cotangents(ours, x, w, g)
+    y_ref, grads_ref = value_and_cotangents(ref, x, w, g)
   for a, b in ((y, y_ref), *zip(grads, grads_ref)):
     assert a.shape == b.shape
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * np.abs(b).max())
-  _, vjp16 = jax.vjp(lambda x, w: strided_conv2d(x, w, stride, padding),
-                     x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  assert all(t.dtype == jnp.bfloat16 for t in vjp16(g.astype(jnp.bfloat16)))
+  _, grads16 = value_and_cotangents(ours, x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), g.astype(jnp.bfloat16))
+  assert all(t.dtype == jnp.bfloat16 for t in grads16)
 
 
 def test_strided_conv_gradient_inside_cond_uses_canonical_convolutions():
