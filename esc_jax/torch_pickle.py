@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import _compat_pickle  # stdlib: py2 -> py3 global names, messages only
 import collections
+import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
 import zlib
@@ -173,6 +176,12 @@ def _rebuild_tensor(storage: Any, storage_offset: Any, size: Any,
       raise _Malformed(
           f"tensor (offset {storage_offset}, size {shape}, stride {strides}) "
           f"overruns storage '{storage.key}' of {base.shape[0]} elements")
+    # More elements than the storage holds means overlapping strides (an expanded
+    # tensor), which no state dict saves; copying one could take any amount of memory.
+    if math.prod(shape) > base.shape[0]:
+      raise _Malformed(
+          f"tensor (size {shape}, stride {strides}) has more elements than "
+          f"storage '{storage.key}' of {base.shape[0]} (overlapping strides)")
     item = base.itemsize
     view = np.lib.stride_tricks.as_strided(
         base[storage_offset:], shape=shape,
@@ -215,6 +224,13 @@ _ALLOWED = _allowed_globals()
 def _quote(text: str) -> str:
   """'text', or its repr when it holds newlines or other unprintables."""
   return f"'{text}'" if text.isprintable() else repr(text)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+  """`text` on one line (whitespace runs collapsed: reprs of arrays span lines), cut at
+  `limit` characters."""
+  text = " ".join(text.split())
+  return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _decode(value: Any) -> Any:
@@ -314,6 +330,17 @@ def _byteorder(zf: zipfile.ZipFile, root: str, path: str) -> str:
   return order
 
 
+def _checked(pkl: bytes) -> bytes:
+  """`pkl` once every length it declares lies within it. The unpickler allocates a
+  declared bytes / str length before reading it, so one corrupt length field could
+  ask for tens of GB; `pickletools.genops` reads no further than the data."""
+  data = io.BytesIO(pkl)
+  for op, arg, pos in pickletools.genops(data):
+    if op.name == "FRAME" and arg > len(pkl) - data.tell():
+      raise _Malformed(f"a frame of {arg} bytes at byte {pos} overruns the {len(pkl)}-byte data.pkl")
+  return pkl
+
+
 def load_pth(path: str | os.PathLike[str]) -> Any:
   """Load a zip-format `torch.save` checkpoint without torch.
 
@@ -338,18 +365,17 @@ def load_pth(path: str | os.PathLike[str]) -> Any:
       with zipfile.ZipFile(fh) as zf:
         root = _find_root(zf, name)
         order = _byteorder(zf, root, name)
-        with zf.open(f"{root}data.pkl") as pkl:
-          unpickler = _Unpickler(pkl, zf, root, order, name)
-          return unpickler.load()
+        pkl = _checked(zf.read(f"{root}data.pkl"))
+        return _Unpickler(io.BytesIO(pkl), zf, root, order, name).load()
   except (UnsafeCheckpointError, CheckpointReadError):
     raise
   except _Malformed as exc:
-    raise CheckpointReadError(f"{name}: malformed data.pkl: {exc}") from None
+    raise CheckpointReadError(f"{name}: malformed data.pkl: {_one_line(str(exc))}") from None
   except (OSError, EOFError, zipfile.BadZipFile, zlib.error, struct.error,
           pickle.UnpicklingError, AttributeError, IndexError, KeyError,
-          TypeError, ValueError, UnicodeDecodeError, MemoryError,
+          TypeError, ValueError, UnicodeDecodeError, MemoryError, OverflowError,
           RecursionError, NotImplementedError) as exc:
-    detail = str(exc).splitlines()[0] if str(exc) else ""
+    detail = _one_line(str(exc).splitlines()[0]) if str(exc) else ""
     detail = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
     raise CheckpointReadError(
         f"{name}: unreadable checkpoint ({detail})") from None
