@@ -16,7 +16,7 @@ enum { kChains = 12 };
 static const long kIters = 100000000;
 
 static void* chains(void* out) {
-  vec a0 = {0} , a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, a5 = a0 + 5;
+  vec a0 = {0}, a1 = a0 + 1, a2 = a0 + 2, a3 = a0 + 3, a4 = a0 + 4, a5 = a0 + 5;
   vec a6 = a0 + 6, a7 = a0 + 7, a8 = a0 + 8, a9 = a0 + 9, a10 = a0 + 10, a11 = a0 + 11;
   vec m = a0 + 0.999999f, c = a0 + 1e-7f;
   for (long i = 0; i < kIters; ++i) {
