@@ -330,6 +330,11 @@ def _byteorder(zf: zipfile.ZipFile, root: str, path: str) -> str:
   return order
 
 
+# data.pkl holds the structure, not the tensors (those are separate records): a few MB
+# even for a training checkpoint. A larger one is refused before it is decompressed.
+MAX_PICKLE_BYTES = 1 << 30
+
+
 def _checked(pkl: bytes) -> bytes:
   """`pkl` once every length it declares lies within it. The unpickler allocates a
   declared bytes / str length before reading it, so one corrupt length field could
@@ -365,6 +370,10 @@ def load_pth(path: str | os.PathLike[str]) -> Any:
       with zipfile.ZipFile(fh) as zf:
         root = _find_root(zf, name)
         order = _byteorder(zf, root, name)
+        size = zf.getinfo(f"{root}data.pkl").file_size  # what zipfile will decompress, at most
+        if size > MAX_PICKLE_BYTES:
+          raise CheckpointReadError(f"{name}: data.pkl would decompress to {size} bytes, over the "
+                                    f"{MAX_PICKLE_BYTES} a checkpoint's pickle can need")
         pkl = _checked(zf.read(f"{root}data.pkl"))
         return _Unpickler(io.BytesIO(pkl), zf, root, order, name).load()
   except (UnsafeCheckpointError, CheckpointReadError):

@@ -376,3 +376,15 @@ def test_a_huge_declared_length_is_refused_before_it_is_allocated(tmp_path, opco
     load_pth(write_pth(tmp_path / "big.pth", pkl, {}))
   msg = str(info.value)
   assert "big.pth" in msg and what in msg and "\n" not in msg and "MemoryError" not in msg
+
+
+def test_a_data_pkl_over_the_size_limit_is_refused_before_decompressing(tmp_path, monkeypatch):
+  """zipfile decompresses no more than the member's declared size, which is checked first
+  (a zip bomb in data.pkl would otherwise be inflated in full)."""
+  from esc_jax import torch_pickle
+  path = write_pth(tmp_path / "sd.pth", _FUZZ_BASE, {"0": np.arange(12, dtype="<f4").tobytes(),
+                                                      "1": np.arange(4, dtype="<i8").tobytes()})
+  assert set(load_pth(path)) == {"a", "b", "c"}
+  monkeypatch.setattr(torch_pickle, "MAX_PICKLE_BYTES", len(_FUZZ_BASE) - 1)
+  with pytest.raises(CheckpointReadError, match=rf"sd.pth: data.pkl would decompress to {len(_FUZZ_BASE)} bytes"):
+    load_pth(path)
