@@ -35,10 +35,9 @@ constexpr int kLanes = 16;  // tokens per window (4 x 4)
 // register. With AVX2 it is two 8-lane halves: GCC keeps a 64-byte vector type in memory
 // when the target has no 64-byte registers, which made every operation a store and reload.
 // kBlock: outputs per pass of `linear` (its accumulators fill the registers). kGradRows: rows
-// of a weight gradient updated per load of the 16 token vectors (with AVX2 these do not fit
-// the 16 registers, so each load serves several rows).
+// of a weight gradient updated per load of a token's output-gradient vector.
 #if defined(__AVX512F__)
-constexpr int kBlock = 16, kGradRows = 1;
+constexpr int kBlock = 16, kGradRows = 4;
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
@@ -358,30 +357,45 @@ void store_transposed(const vf* yt, int c, float* y) {
   }
 }
 
-// acc[k0:k0+R] (rows of n_out) += sum over the 16 lanes (tokens) i of in[k][i] rows[i].
+// Windows whose weight gradients are summed in one pass over each gradient matrix (see
+// GradStash): the pass then serves 16 * kGradWindows tokens, where one pass per window
+// read and wrote the whole matrix (L2-resident) for 16.
+constexpr int kGradWindows = 4;
+
+// acc[k0:k0+R] (rows of n_out) += sum over windows g < n_win and lanes (tokens) i of
+// in[g * n_in + k][i] rows[g * 16 + i]: per element, the same additions in the same order
+// as one window at a time.
 template <int R>
-inline void weight_grad_rows(const vf* in, int k0, const vf* rows, int n_out, int o0, int n, float* acc) {
+inline void weight_grad_rows(const vf* in, int n_in, int k0, const vf* rows, int n_win, int n_out, int o0, int n,
+                             float* acc) {
   vf a[R];
   for (int r = 0; r < R; ++r) a[r] = load_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, n);
+  for (int g = 0; g < n_win; ++g) {
+    const vf* x = in + g * n_in + k0;
 #pragma GCC unroll 16  // constant indices keep a[] in registers
-  for (int i = 0; i < kLanes; ++i) {
-    vf row = rows[i];
-    in_register(row);
-    for (int r = 0; r < R; ++r) a[r] += in[k0 + r][i] * row;
+    for (int i = 0; i < kLanes; ++i) {
+      vf row = rows[g * kLanes + i];
+      in_register(row);
+      for (int r = 0; r < R; ++r) a[r] += x[r][i] * row;
+    }
   }
   for (int r = 0; r < R; ++r) store_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, a[r], n);
 }
 
-// acc (n_in, n_out) row-major += in^T gout over the 16 lanes (tokens): a weight gradient.
-void weight_grad(const vf* in, int n_in, const vf* gout, int n_out, float* acc) {
+// acc (n_in, n_out) row-major += in^T gout over the 16 lanes (tokens) of n_win <= kGradWindows
+// windows: a weight gradient. in is (n_win, n_in) vectors, gout (n_win, n_out).
+void weight_grad(const vf* in, int n_in, const vf* gout, int n_out, int n_win, float* acc) {
   for (int o0 = 0; o0 < n_out; o0 += kLanes) {
     const int n = std::min(kLanes, n_out - o0);
-    vf rows[kLanes];  // rows[i] = gout[o0:o0+16][lane i]
-    for (int j = 0; j < kLanes; ++j) rows[j] = j < n ? gout[o0 + j] : vf{};
-    transpose16(rows);
+    vf rows[kGradWindows * kLanes];  // rows[g * 16 + i] = gout[g][o0:o0+16][lane i]
+    for (int g = 0; g < n_win; ++g) {
+      vf* r = rows + g * kLanes;
+      for (int j = 0; j < kLanes; ++j) r[j] = j < n ? gout[g * n_out + o0 + j] : vf{};
+      transpose16(r);
+    }
     int k = 0;
-    for (; k + kGradRows <= n_in; k += kGradRows) weight_grad_rows<kGradRows>(in, k, rows, n_out, o0, n, acc);
-    for (; k < n_in; ++k) weight_grad_rows<1>(in, k, rows, n_out, o0, n, acc);
+    for (; k + kGradRows <= n_in; k += kGradRows) weight_grad_rows<kGradRows>(in, n_in, k, rows, n_win, n_out, o0, n, acc);
+    for (; k < n_in; ++k) weight_grad_rows<1>(in, n_in, k, rows, n_win, n_out, o0, n, acc);
   }
 }
 
@@ -545,11 +559,36 @@ struct Grads {
         w1(c * hidden), w2(hidden * c) {}
 };
 
+// The inputs and output gradients of the four matmuls of up to kGradWindows windows, kept
+// until their weight gradients are summed together (flush).
+struct GradStash {
+  int c, hidden, n = 0;  // n: windows held
+  std::unique_ptr<vf[]> mem;
+  vf *hg, *gy, *xn2, *dh, *att, *dx1, *xn1, *dqkv;  // each (kGradWindows, its size)
+
+  GradStash(int c, int hidden) : c(c), hidden(hidden), mem(new vf[kGradWindows * (8 * c + 2 * hidden)]) {
+    hg = mem.get(), gy = hg + kGradWindows * hidden, xn2 = gy + kGradWindows * c;
+    dh = xn2 + kGradWindows * c, att = dh + kGradWindows * hidden, dx1 = att + kGradWindows * c;
+    xn1 = dx1 + kGradWindows * c, dqkv = xn1 + kGradWindows * c;
+  }
+  // Copies v[0:size] into window n's place in dst.
+  void keep(vf* dst, const vf* v, int size) const { std::copy_n(v, size, dst + n * size); }
+  // Adds the held windows' weight gradients into gr.
+  void flush(Grads& gr) {
+    weight_grad(hg, hidden, gy, c, n, gr.w2.data());
+    weight_grad(xn2, c, dh, hidden, n, gr.w1.data());
+    weight_grad(att, c, dx1, c, n, gr.wproj.data());
+    weight_grad(xn1, c, dqkv, 3 * c, n, gr.wqkv.data());
+    n = 0;
+  }
+};
+
 // The block's backward on one window: recomputes the forward (qkv and fc1's output read
-// from `saved` where the forward kept them), then adds the parameter gradients into gr and
-// writes the input gradient rows (16, C) to drows. buf holds 7 C + hidden vectors.
+// from `saved` where the forward kept them), then adds the parameter gradients into gr (the
+// weights' through st) and writes the input gradient rows (16, C) to drows. buf holds
+// 7 C + hidden vectors.
 void backward_window(const float* rows, const float* grows, float* drows, int64_t window,
-                     const Params& p, Work& w, Grads& gr, vf* buf, const float* saved) {
+                     const Params& p, Work& w, Grads& gr, GradStash& st, vf* buf, const float* saved) {
   const int c = p.c, hd = p.hidden, d = c / p.heads;
   forward_window(rows, window, p, w, /*out=*/false, nullptr, saved);
   vf* gy = buf;            // C: dL/dy
@@ -561,17 +600,20 @@ void backward_window(const float* rows, const float* grows, float* drows, int64_
   load_transposed(grows, c, gy);
   // y = x1 + gelu(xn2 W1 + b1) W2 + b2
   for (int k = 0; k < c; ++k) gr.b2[k] += gy[k];
-  weight_grad(w.hg, hd, gy, c, gr.w2.data());
+  st.keep(st.hg, w.hg, hd);
+  st.keep(st.gy, gy, c);
   linear(gy, c, p.w2_t, nullptr, hd, dh);
   for (int k = 0; k < hd; ++k) dh[k] *= vgelu_grad(w.h[k]);
   for (int k = 0; k < hd; ++k) gr.b1[k] += dh[k];
-  weight_grad(w.xn2, c, dh, hd, gr.w1.data());
+  st.keep(st.xn2, w.xn2, c);
+  st.keep(st.dh, dh, hd);
   linear(dh, hd, p.w1_t, nullptr, c, dn);
   for (int k = 0; k < c; ++k) dx1[k] = gy[k];
   layer_norm_grad(w.x1, dn, c, p.ln2_g, w.mean2, w.rstd2, gr.ln2_g.data(), gr.ln2_b.data(), dx1);
   // x1 = x + att Wproj + bproj
   for (int k = 0; k < c; ++k) gr.bproj[k] += dx1[k];
-  weight_grad(w.att, c, dx1, c, gr.wproj.data());
+  st.keep(st.att, w.att, c);
+  st.keep(st.dx1, dx1, c);
   linear(dx1, c, p.wproj_t, nullptr, c, datt);
   // Attention per head, with prob[j][i] (lanes: queries i) and k, v[e][j] (lanes: keys j).
   const float scale = 1.0f / __builtin_sqrtf(static_cast<float>(d));
@@ -604,7 +646,9 @@ void backward_window(const float* rows, const float* grows, float* drows, int64_
   }
   // qkv = xn1 Wqkv + bqkv; xn1 = LayerNorm(x) * real
   for (int k = 0; k < 3 * c; ++k) gr.bqkv[k] += dqkv[k];
-  weight_grad(w.xn1, c, dqkv, 3 * c, gr.wqkv.data());
+  st.keep(st.xn1, w.xn1, c);
+  st.keep(st.dqkv, dqkv, 3 * c);
+  if (++st.n == kGradWindows) st.flush(gr);
   linear(dqkv, 3 * c, p.wqkv_t, nullptr, c, dn);
   if (p.real != nullptr) mask_padding(p, window, dn);
   layer_norm_grad(w.x, dn, c, p.ln1_g, w.mean1, w.rstd1, gr.ln1_g.data(), gr.ln1_b.data(), dx1);
@@ -760,21 +804,23 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 saved, F32 real,
   // gradients in window order; the slots are then added in order. So the result does not
   // depend on the thread count or on which thread ran what (exact resume of training).
   const int64_t slots = std::min(kGradSlots, windows);
-  struct Slot {
+  // A worker's scratch, reused across its slots.
+  struct Scratch {
     Work w;
-    Grads gr;
+    GradStash st;
     std::unique_ptr<vf[]> buf;
   };
-  std::vector<std::unique_ptr<Slot>> done(slots);
+  std::vector<std::unique_ptr<Grads>> done(slots);
   parallel_for(
-      pool, slots, 1, [] { return 0; },  // a slot's scratch is its own (below)
-      [&](int&, int64_t begin, int64_t end) {
+      pool, slots, 1,
+      [&] { return Scratch{Work(c, hd, p.heads), GradStash(c, hd), std::unique_ptr<vf[]>(new vf[7 * c + hd])}; },
+      [&](Scratch& l, int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
-          done[s].reset(new Slot{Work(c, hd, p.heads), Grads(c, hd, p.heads), std::unique_ptr<vf[]>(new vf[7 * c + hd])});
-          Slot& l = *done[s];
+          done[s].reset(new Grads(c, hd, p.heads));
           for (int64_t i = s * windows / slots; i < (s + 1) * windows / slots; ++i)
-            backward_window(xs + i * kLanes * c, gs + i * kLanes * c, dxs + i * kLanes * c, i, p, l.w, l.gr,
-                            l.buf.get(), kept == nullptr ? nullptr : kept + i * per_window);
+            backward_window(xs + i * kLanes * c, gs + i * kLanes * c, dxs + i * kLanes * c, i, p, l.w, *done[s],
+                            l.st, l.buf.get(), kept == nullptr ? nullptr : kept + i * per_window);
+          l.st.flush(*done[s]);
         }
       });
   auto add_vectors = [](const std::vector<vf>& src, float* dst) {
@@ -784,7 +830,7 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 saved, F32 real,
     for (size_t k = 0; k < src.size(); ++k) dst[k] += src[k];
   };
   for (const auto& slot : done) {
-    const Grads& gr = slot->gr;
+    const Grads& gr = *slot;
     add_vectors(gr.ln1_g, d_ln1_g->typed_data());
     add_vectors(gr.ln1_b, d_ln1_b->typed_data());
     add_floats(gr.wqkv, d_wqkv->typed_data());
