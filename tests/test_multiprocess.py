@@ -21,7 +21,6 @@ keys differ, so the resumed run's process 1 compiles again).
 """
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import pathlib
@@ -37,17 +36,13 @@ import pytest
 import esc_jax
 from esc_jax import checkpoint as ckpt
 from esc_jax import train_lib
+from helpers import IR_EMITTERS
 
 ROOT = pathlib.Path(__file__).absolute().parents[1]
 STOP, STEPS = 2, 4
-# Both runs compile without LLVM optimisations and, on jaxlib >= 0.10 (where the flag
-# exists), with XLA:CPU's LLVM IR fusion emitters instead of its MLIR ones: half the
-# compile time again (the smoke train step: 33 -> 16 CPU-s). The comparison needs the
-# same program on both sides, not a fast one or the suite's (the in-process tests keep
-# the default emitters: some compare two programs' outputs bit for bit).
-XLA_FLAGS = "--xla_backend_optimization_level=0"
-if tuple(int(v) for v in importlib.metadata.version("jaxlib").split(".")[:2]) >= (0, 10):
-  XLA_FLAGS += " --xla_cpu_use_fusion_emitters=false"
+# Both runs compile without LLVM optimisations and with the IR fusion emitters (helpers):
+# the comparison needs the same program on both sides, not a fast one.
+XLA_FLAGS = f"--xla_backend_optimization_level=0 {IR_EMITTERS}".strip()
 OVERRIDES = {"train.pretrain_steps": 2, "optim.lr": 1e-3, "data.val_dir": "", "data.num_workers": 0,
              "ckpt.every_steps": 2, "ckpt.keep": 10, "log.every_steps": 1, "log.tensorboard": False}
 

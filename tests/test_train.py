@@ -24,7 +24,7 @@ from esc_jax import checkpoint as ckpt
 from esc_jax import kernels, losses, train_lib
 from esc_jax.checkpoint import restore_params
 from esc_jax.codec import make_model
-from helpers import assert_trees_close, two_device_env
+from helpers import COMPILE_WITH_IR_EMITTERS, IR_EMITTERS, assert_trees_close, two_device_env
 
 ROOT = pathlib.Path(__file__).absolute().parents[1]
 # The test recipe: configs/smoke.py plus these overrides (also passed to train.py).
@@ -65,6 +65,7 @@ def two_device_run(tmp_path_factory):
   """train.py for one step on 2 forced host devices, started early (it compiles alongside run_a)."""
   wd = tmp_path_factory.mktemp("two_devices")
   env = two_device_env(JAX_DEFAULT_MATMUL_PRECISION="highest")
+  env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} {IR_EMITTERS}".strip()  # compared with tolerances
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.num_steps": 1}.items()]
   log = open(wd.parent / f"{wd.name}.log", "w+")  # a file, not a pipe: it can never fill up
   proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), f"--config={ROOT / 'configs' / 'smoke.py'}",
@@ -385,7 +386,7 @@ def test_step_flops_counts_the_whole_step(program):
   that is not computed.) The real step runs the Swin blocks as custom calls, which XLA
   counts as nothing."""
   reference = program.lower_reference()
-  compiled = train_lib.xla_cost(reference.compile())
+  compiled = train_lib.xla_cost(reference.compile(compiler_options=COMPILE_WITH_IR_EMITTERS))  # only counted
   assert compiled > 0
   flops = program.step_flops
   assert flops == train_lib.xla_cost(reference)  # (a cached property: traced once)
