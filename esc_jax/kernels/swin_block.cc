@@ -560,7 +560,8 @@ struct Grads {
 };
 
 // The inputs and output gradients of the four matmuls of up to kGradWindows windows, kept
-// until their weight gradients are summed together (flush).
+// until their weight gradients are summed together (flush). backward_window computes the
+// output gradients dL/dy, dh and dqkv in their slots (`at`) and copies the rest in (`keep`).
 struct GradStash {
   int c, hidden, n = 0;  // n: windows held
   std::unique_ptr<vf[]> mem;
@@ -571,8 +572,10 @@ struct GradStash {
     dh = xn2 + kGradWindows * c, att = dh + kGradWindows * hidden, dx1 = att + kGradWindows * c;
     xn1 = dx1 + kGradWindows * c, dqkv = xn1 + kGradWindows * c;
   }
+  // Window n's place in dst, a field of `size` vectors per window.
+  vf* at(vf* dst, int size) const { return dst + n * size; }
   // Copies v[0:size] into window n's place in dst.
-  void keep(vf* dst, const vf* v, int size) const { std::copy_n(v, size, dst + n * size); }
+  void keep(vf* dst, const vf* v, int size) const { std::copy_n(v, size, at(dst, size)); }
   // Adds the held windows' weight gradients into gr.
   void flush(Grads& gr) {
     weight_grad(hg, hidden, gy, c, n, gr.w2.data());
@@ -586,27 +589,25 @@ struct GradStash {
 // The block's backward on one window: recomputes the forward (qkv and fc1's output read
 // from `saved` where the forward kept them), then adds the parameter gradients into gr (the
 // weights' through st) and writes the input gradient rows (16, C) to drows. buf holds
-// 7 C + hidden vectors.
+// 3 C vectors.
 void backward_window(const float* rows, const float* grows, float* drows, int64_t window,
                      const Params& p, Work& w, Grads& gr, GradStash& st, vf* buf, const float* saved) {
   const int c = p.c, hd = p.hidden, d = c / p.heads;
   forward_window(rows, window, p, w, /*out=*/false, nullptr, saved);
-  vf* gy = buf;            // C: dL/dy
-  vf* dh = gy + c;         // hidden
-  vf* dx1 = dh + hd;       // C
-  vf* dn = dx1 + c;        // C: gradient of a LayerNorm output
-  vf* datt = dn + c;       // C
-  vf* dqkv = datt + c;     // 3C
+  vf* gy = st.at(st.gy, c);            // C: dL/dy
+  vf* dh = st.at(st.dh, hd);           // hidden
+  vf* dqkv = st.at(st.dqkv, 3 * c);    // 3C
+  vf* dx1 = buf;                       // C
+  vf* dn = dx1 + c;                    // C: gradient of a LayerNorm output
+  vf* datt = dn + c;                   // C
   load_transposed(grows, c, gy);
   // y = x1 + gelu(xn2 W1 + b1) W2 + b2
   for (int k = 0; k < c; ++k) gr.b2[k] += gy[k];
   st.keep(st.hg, w.hg, hd);
-  st.keep(st.gy, gy, c);
   linear(gy, c, p.w2_t, nullptr, hd, dh);
   for (int k = 0; k < hd; ++k) dh[k] *= vgelu_grad(w.h[k]);
   for (int k = 0; k < hd; ++k) gr.b1[k] += dh[k];
   st.keep(st.xn2, w.xn2, c);
-  st.keep(st.dh, dh, hd);
   linear(dh, hd, p.w1_t, nullptr, c, dn);
   for (int k = 0; k < c; ++k) dx1[k] = gy[k];
   layer_norm_grad(w.x1, dn, c, p.ln2_g, w.mean2, w.rstd2, gr.ln2_g.data(), gr.ln2_b.data(), dx1);
@@ -647,7 +648,6 @@ void backward_window(const float* rows, const float* grows, float* drows, int64_
   // qkv = xn1 Wqkv + bqkv; xn1 = LayerNorm(x) * real
   for (int k = 0; k < 3 * c; ++k) gr.bqkv[k] += dqkv[k];
   st.keep(st.xn1, w.xn1, c);
-  st.keep(st.dqkv, dqkv, 3 * c);
   if (++st.n == kGradWindows) st.flush(gr);
   linear(dqkv, 3 * c, p.wqkv_t, nullptr, c, dn);
   if (p.real != nullptr) mask_padding(p, window, dn);
@@ -813,7 +813,7 @@ ffi::Error SwinBlockBwd(ffi::ThreadPool pool, F32 x, F32 g, F32 saved, F32 real,
   std::vector<std::unique_ptr<Grads>> done(slots);
   parallel_for(
       pool, slots, 1,
-      [&] { return Scratch{Work(c, hd, p.heads), GradStash(c, hd), std::unique_ptr<vf[]>(new vf[7 * c + hd])}; },
+      [&] { return Scratch{Work(c, hd, p.heads), GradStash(c, hd), std::unique_ptr<vf[]>(new vf[3 * c])}; },
       [&](Scratch& l, int64_t begin, int64_t end) {
         for (int64_t s = begin; s < end; ++s) {
           done[s].reset(new Grads(c, hd, p.heads));
