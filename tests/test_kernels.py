@@ -161,6 +161,55 @@ def test_on_cpu_traces_one_branch_where_the_cpu_is_the_only_backend(monkeypatch)
   assert run() == 2 and sorted(traced) == ["cpu", "default"]
 
 
+# (x shape, w shape as the layer holds it (K, N)): a partial last tile of 16 rows and
+# panels with a tail (N not a multiple of the 6 or 16 outputs per pass), batch dims, N < 6.
+DENSE_CASES = [((37, 300), (300, 70)), ((2, 33, 64), (64, 13)), ((16, 5), (5, 3)), ((1, 1, 130), (130, 200))]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("x_shape,w_shape", DENSE_CASES)
+def test_dense_kernel_equals_a_float64_matmul(x_shape, w_shape, transpose, bias):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  w = rng.standard_normal(w_shape).astype(np.float32)
+  b = rng.standard_normal(w_shape[1]).astype(np.float32) if bias else None
+  want = x.astype(np.float64) @ w + (0 if b is None else b)
+  arg = np.ascontiguousarray(w.T) if transpose else w  # transpose: the kernel gets w as (N, K)
+  got = np.asarray(jax.jit(lambda x, w, b: kernels.dense(x, w, b, transpose=transpose))(x, arg, b))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_wide_linear_layers_run_as_the_dense_kernel_with_the_same_gradients(monkeypatch):
+  """Linear layers from DENSE_MIN_WEIGHT_BYTES up run as the kernel, forward and the input
+  gradient of the backward (x @ w.T), with XLA's results within float32 rounding; narrower
+  ones stay XLA's dot."""
+  from esc_jax.layers.common import Linear
+  layer = Linear(70, 300)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 37, 300))
+  params = layer.init(jax.random.PRNGKey(1), x)["params"]
+
+  def loss(p, x):
+    return jnp.sum(jnp.sin(layer.apply({"params": p}, x)))
+
+  def program():  # a new function each time: jit would reuse an earlier trace
+    return jax.jit(jax.value_and_grad(lambda p, x: loss(p, x), argnums=(0, 1)))
+
+  assert 4 * 300 * 70 < kernels.DENSE_MIN_WEIGHT_BYTES
+  xla = program()
+  assert kernels.DENSE_TARGET not in xla.lower(params, x).as_text()
+  monkeypatch.setattr(kernels, "DENSE_MIN_WEIGHT_BYTES", 4 * 300 * 70)
+  fused = program()
+  assert fused.lower(params, x).as_text().count(kernels.DENSE_TARGET) == 2  # y, and dL/dx
+  (lx, (gpx, gx)), (lk, (gpk, gk)) = xla(params, x), fused(params, x)
+  np.testing.assert_allclose(lk, lx, rtol=1e-6)
+  np.testing.assert_allclose(gk, gx, rtol=0, atol=1e-6 * float(np.abs(gx).max()))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(np.abs(b).max())), gpk, gpx)
+  with kernels.disabled():
+    assert kernels.DENSE_TARGET not in program().lower(params, x).as_text()
+
+
 def _run(code: str, env=None, **extra) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
                         env={**(env or os.environ), "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **extra}, timeout=600)
@@ -213,7 +262,7 @@ def test_avx2_build_gives_the_same_results(tmp_path):
   errs = [float(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("max rel err")]
   assert len(errs) == 2 and max(errs) < 1e-5, r.stdout
   if separate:
-    assert len(list(tmp_path.glob("swin_block-*.so"))) == 1
+    assert len(list(tmp_path.glob("kernels-*.so"))) == 1
 
 
 def test_kernels_need_avx2_and_fma():

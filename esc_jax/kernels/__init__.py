@@ -1,11 +1,12 @@
 """Fused CPU kernels (XLA FFI custom calls), compiled from C++ on first use.
 
 `swin_block.cc` runs a whole Swin block's forward, and its backward, per 4 x 4
-window (see its header). It is built once per machine with the system C++ compiler (`$CXX`, else
-`c++`; extra flags from `$ESC_JAX_KERNEL_CXXFLAGS`) into `$ESC_JAX_KERNEL_CACHE`
-(default `~/.cache/esc_jax/kernels`), keyed by the source, the flags, jaxlib's
-version and the CPU's instruction sets, then loaded with ctypes and registered
-with XLA. When JAX's default backend is not the CPU, without a compiler, or with
+window (see its header); `dense.cc` runs wide dense layers 16 rows at a time (`dense`);
+`simd.h` holds what they share. They are built into one library once per machine
+with the system C++ compiler (`$CXX`, else `c++`; extra flags from
+`$ESC_JAX_KERNEL_CXXFLAGS`) into `$ESC_JAX_KERNEL_CACHE` (default
+`~/.cache/esc_jax/kernels`), keyed by the sources, the flags, jaxlib's version and
+the CPU's instruction sets, then loaded with ctypes and registered with XLA. When JAX's default backend is not the CPU, without a compiler, or with
 `ESC_JAX_CPU_KERNELS=0`, nothing is built and the model runs as plain XLA (the
 same results within float32 rounding, ~2x slower Swin blocks on CPU). The kernels are
 written for x86-64 with AVX-512, or AVX2 and FMA; other CPUs (e.g. ARM) run plain XLA.
@@ -26,13 +27,22 @@ import warnings
 
 import jax
 import jax.extend.backend
+import jax.numpy as jnp
+import numpy as np
 
 from esc_jax import runtime
 
-_SOURCE = pathlib.Path(__file__).with_name("swin_block.cc")
+_DIR = pathlib.Path(__file__).parent
+_SOURCES = (_DIR / "swin_block.cc", _DIR / "dense.cc")  # compiled, with _DIR / "simd.h" included
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 SWIN_BLOCK_TARGET = "esc_swin_block_fwd"
 SWIN_BLOCK_GRAD_TARGET = "esc_swin_block_bwd"
+DENSE_TARGET = "esc_dense"
+# Weights (float32 bytes) from which `dense` runs a layer as the kernel rather than XLA's
+# dot: ESC-Base's bottleneck blocks (C = 384, 0.6-2.4 MB). Measured on AVX2 (Zen 3, 2
+# cores, in the encode + decode program): XLA's dot ran these at 90-115 GFLOP/s, the
+# kernel at ~150 (see bench/bench_codec.py's profile).
+DENSE_MIN_WEIGHT_BYTES = 1 << 19
 
 
 def _env_off(name: str) -> bool:
@@ -76,16 +86,17 @@ def _build() -> pathlib.Path:
   flags = [*_FLAGS, *os.environ.get("ESC_JAX_KERNEL_CXXFLAGS", "").split()]
   version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True, timeout=60).stdout
   key = hashlib.sha256("\0".join(
-      [_SOURCE.read_text(), cxx, version, *flags, jax.lib.__version__, platform.machine(), _cpu_features()]
+      [*(f.read_text() for f in (*_SOURCES, _DIR / "simd.h")), cxx, version, *flags, jax.lib.__version__,
+       platform.machine(), _cpu_features()]
   ).encode()).hexdigest()[:16]
-  out = _cache_dir() / f"swin_block-{key}.so"
+  out = _cache_dir() / f"kernels-{key}.so"
   if out.exists():
     return out
   out.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
   os.close(fd)
   try:
-    subprocess.run([cxx, *flags, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp],
+    subprocess.run([cxx, *flags, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp],
                    check=True, capture_output=True, text=True, timeout=300)
     os.chmod(tmp, 0o755)  # mkstemp's 0600 would keep other users of a shared cache out
     os.replace(tmp, out)  # atomic: concurrent builders each rename a complete file
@@ -152,10 +163,33 @@ def _load() -> bool:
     return False
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
-    for target, symbol in ((SWIN_BLOCK_TARGET, lib.EscSwinBlockFwd), (SWIN_BLOCK_GRAD_TARGET, lib.EscSwinBlockBwd)):
+    for target, symbol in ((SWIN_BLOCK_TARGET, lib.EscSwinBlockFwd), (SWIN_BLOCK_GRAD_TARGET, lib.EscSwinBlockBwd),
+                           (DENSE_TARGET, lib.EscDense)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, subprocess.SubprocessError, AttributeError) as e:
     detail = getattr(e, "stderr", None) or str(e)
     warnings.warn(f"esc_jax: fused CPU kernels unavailable, using plain XLA ({detail.strip()[:500]})")
     return False
   return True
+
+
+def dense_applies(x, w) -> bool:
+  """Whether `dense` should compute x (..., K) @ w (K, N) (traced now): float32 both, at
+  least one row, weights of at least DENSE_MIN_WEIGHT_BYTES, and the kernels available."""
+  return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and x.size > 0
+          and 4 * w.size >= DENSE_MIN_WEIGHT_BYTES and cpu_kernels_available())
+
+
+def dense(x, w, b=None, transpose: bool = False):
+  """x (..., K) @ w + b as the CPU kernel (dense.cc): w (K, N), or (N, K)
+  with `transpose` (x @ w.T); b (N,) or None. Float32; the sums run over K in order, so
+  the result does not depend on the thread count. The caller checks `dense_applies`."""
+  if not _load():
+    raise RuntimeError("esc_jax: the CPU kernels are not available here (see kernels.cpu_kernels_available)")
+  n = w.shape[0] if transpose else w.shape[1]
+  call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32),
+                          vmap_method="sequential")
+  return call(x, w, _ABSENT if b is None else b, has_bias=b is not None, transpose=transpose)
+
+
+_ABSENT = np.zeros((1,), np.float32)  # the bias argument of a dense call without one

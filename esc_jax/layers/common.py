@@ -56,6 +56,25 @@ class Linear(nn.Module):
     return dense_bias(x.astype(self.dtype), self.kernel.astype(self.dtype), self.bias.astype(self.dtype))
 
 
+def _matmul(x, kernel, bias=None, transpose: bool = False):
+  """x @ kernel (+ bias), or x @ kernel.T with `transpose`: for wide layers on CPU as the
+  dense kernel (`kernels.dense`; the same sums in the same order as XLA's dot there, 1.2-1.5x
+  faster), else XLA's dot."""
+  if kernels.dense_applies(x, kernel):
+    def xla(x, kernel, *b):
+      return _matmul_xla(x, kernel, *b, transpose=transpose)
+
+    def cpu(x, kernel, *b):
+      return kernels.dense(x, kernel, *b, transpose=transpose)
+    return kernels.on_cpu(x, kernel, *([] if bias is None else [bias]), cpu=cpu, default=xla)
+  return _matmul_xla(x, kernel, bias, transpose)
+
+
+def _matmul_xla(x, kernel, bias=None, transpose: bool = False):
+  y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (1 if transpose else 0,)), ((), ())))
+  return y if bias is None else y + bias
+
+
 @jax.custom_vjp
 def dense(x, kernel):
   """x (..., in) @ kernel (in, out) -> (..., out).
@@ -65,28 +84,28 @@ def dense(x, kernel):
   dot contracting over tokens, so this transposes the narrower of x and g (autodiff
   always transposes g, e.g. 4C channels in the MLP's first layer instead of C).
   """
-  return jnp.dot(x, kernel)
+  return _matmul(x, kernel)
 
 
 @jax.custom_vjp
 def dense_bias(x, kernel, bias):
   """`dense(x, kernel) + bias`, bias (out,). Its backward reduces the bias gradient from
   the same (tokens, out) view of g as the kernel gradient, so XLA lays g out once."""
-  return jnp.dot(x, kernel) + bias
+  return _matmul(x, kernel, bias)
 
 
 def _dense_fwd(x, kernel):
-  return jnp.dot(x, kernel), (x, kernel)
+  return _matmul(x, kernel), (x, kernel)
 
 
 def _dense_bias_fwd(x, kernel, bias):
-  return jnp.dot(x, kernel) + bias, (x, kernel)
+  return _matmul(x, kernel, bias), (x, kernel)
 
 
 def _dense_bwd(res, g):
   x, kernel = res
   n_in, n_out = kernel.shape
-  dx = jax.lax.dot_general(g, kernel, (((g.ndim - 1,), (1,)), ((), ())))
+  dx = _matmul(g, kernel, transpose=True)
   x2, g2 = x.reshape(-1, n_in), g.reshape(-1, n_out)
   tokens = (((0,), (0,)), ((), ()))
   if n_in <= n_out:
