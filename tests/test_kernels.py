@@ -210,6 +210,58 @@ def test_wide_linear_layers_run_as_the_dense_kernel_with_the_same_gradients(monk
     assert kernels.DENSE_TARGET not in program().lower(params, x).as_text()
 
 
+# (x (B, H, W, C), kernel (KH, KW, C, N)): ESC-Base's de-embedding taps and outputs on a small
+# map with a partial last tile of 16 columns, fewer rows and columns than taps, a 3 x 5 kernel
+# with N < 6, and a map narrower than one tile.
+CONV_CASES = [((2, 5, 37, 45), (7, 7, 45, 12)), ((1, 2, 3, 4), (7, 7, 4, 7)), ((3, 6, 40, 5), (3, 5, 5, 3)),
+              ((1, 4, 9, 2), (1, 1, 2, 13))]
+
+
+@pytest.mark.parametrize("x_shape,k_shape", CONV_CASES)
+def test_conv_kernel_equals_a_float64_convolution(x_shape, k_shape):
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal(x_shape).astype(np.float32)
+  k = rng.standard_normal(k_shape).astype(np.float32)
+  b = rng.standard_normal(k_shape[-1]).astype(np.float32)
+  kh, kw = k_shape[:2]
+  xp = np.pad(x.astype(np.float64), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  h, w = x_shape[1:3]
+  want = b + sum(np.einsum("bhwc,cn->bhwn", xp[:, dy:dy + h, dx:dx + w], k[dy, dx]) for dy in range(kh) for dx in range(kw))
+  got = np.asarray(jax.jit(kernels.conv_same)(x, k, b))
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
+
+
+def test_deembedding_runs_its_convolution_as_the_kernel_with_the_same_gradients(monkeypatch):
+  """conv2d_same (PatchDeEmbed's fused convolution) runs as the conv kernel from
+  CONV_MIN_WEIGHT_BYTES up, within float32 rounding of XLA's convolution, with XLA's
+  backward; the tiny model's de-embedding stays XLA."""
+  from esc_jax.layers.common import conv2d_same
+  from esc_jax.layers.scale import PatchDeEmbed
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 6, 21, 10))
+  k = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (7, 7, 10, 12))
+  b = jax.random.normal(jax.random.PRNGKey(2), (12,))
+
+  def program():  # a new function each time: jit would reuse an earlier trace
+    return jax.jit(jax.value_and_grad(lambda x, k, b: jnp.sum(jnp.sin(conv2d_same(x, k, b))), argnums=(0, 1, 2)))
+
+  assert 4 * k.size < kernels.CONV_MIN_WEIGHT_BYTES
+  xla = program()
+  assert kernels.CONV_TARGET not in xla.lower(x, k, b).as_text()
+  monkeypatch.setattr(kernels, "CONV_MIN_WEIGHT_BYTES", 4 * k.size)
+  fused = program()
+  assert fused.lower(x, k, b).as_text().count(kernels.CONV_TARGET) == 1
+  (lx, gx), (lk, gk) = xla(x, k, b), fused(x, k, b)
+  np.testing.assert_allclose(lk, lx, rtol=1e-5)  # a sum of 3,024 values
+  for a, want in zip(gk, gx):
+    np.testing.assert_allclose(a, want, rtol=0, atol=1e-5 * float(np.abs(want).max()))
+  monkeypatch.undo()
+  layer = PatchDeEmbed(2, 8)  # the tiny model's width
+  z = jnp.zeros((1, 4, 10, 8))
+  params = layer.init(jax.random.PRNGKey(0), z)
+  assert kernels.CONV_TARGET not in jax.jit(layer.apply).lower(params, z).as_text()
+
+
 def _run(code: str, env=None, **extra) -> subprocess.CompletedProcess:
   return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True,
                         env={**(env or os.environ), "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]), **extra}, timeout=600)

@@ -1,8 +1,9 @@
 """Fused CPU kernels (XLA FFI custom calls), compiled from C++ on first use.
 
 `swin_block.cc` runs a whole Swin block's forward, and its backward, per 4 x 4
-window (see its header); `dense.cc` runs wide dense layers 16 rows at a time (`dense`);
-`simd.h` holds what they share. They are built into one library once per machine
+window (see its header); `dense.cc` runs wide dense layers 16 rows at a time (`dense`),
+`conv.cc` the de-embedding's convolution 16 columns at a time (`conv_same`); `simd.h`
+holds what they share. They are built into one library once per machine
 with the system C++ compiler (`$CXX`, else `c++`; extra flags from
 `$ESC_JAX_KERNEL_CXXFLAGS`) into `$ESC_JAX_KERNEL_CACHE` (default
 `~/.cache/esc_jax/kernels`), keyed by the sources, the flags, jaxlib's version and
@@ -33,11 +34,12 @@ import numpy as np
 from esc_jax import runtime
 
 _DIR = pathlib.Path(__file__).parent
-_SOURCES = (_DIR / "swin_block.cc", _DIR / "dense.cc")  # compiled, with _DIR / "simd.h" included
+_SOURCES = (_DIR / "swin_block.cc", _DIR / "dense.cc", _DIR / "conv.cc")  # compiled, with _DIR / "simd.h" included
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 SWIN_BLOCK_TARGET = "esc_swin_block_fwd"
 SWIN_BLOCK_GRAD_TARGET = "esc_swin_block_bwd"
 DENSE_TARGET = "esc_dense"
+CONV_TARGET = "esc_conv"
 # Weights (float32 bytes) from which `dense` runs a layer as the kernel rather than XLA's
 # dot: ESC-Base's bottleneck blocks (C = 384, 0.6-2.4 MB). Measured on AVX2 (Zen 3, 2
 # cores, in the encode + decode program): XLA's dot ran these at 90-115 GFLOP/s, the
@@ -164,7 +166,7 @@ def _load() -> bool:
   try:
     lib = ctypes.cdll.LoadLibrary(str(_build()))
     for target, symbol in ((SWIN_BLOCK_TARGET, lib.EscSwinBlockFwd), (SWIN_BLOCK_GRAD_TARGET, lib.EscSwinBlockBwd),
-                           (DENSE_TARGET, lib.EscDense)):
+                           (DENSE_TARGET, lib.EscDense), (CONV_TARGET, lib.EscConv)):
       jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform="cpu")
   except (OSError, subprocess.SubprocessError, AttributeError) as e:
     detail = getattr(e, "stderr", None) or str(e)
@@ -193,3 +195,31 @@ def dense(x, w, b=None, transpose: bool = False):
 
 
 _ABSENT = np.zeros((1,), np.float32)  # the bias argument of a dense call without one
+
+# Weights (float32 bytes) from which `conv_same` runs a convolution as the kernel: ESC-Base's
+# fused de-embedding (7 x 7 x 45 x 12, 106 KB), not the tiny test model's (19 KB).
+CONV_MIN_WEIGHT_BYTES = 1 << 16
+
+
+def conv_applies(x, kernel) -> bool:
+  """Whether `conv_same` should compute the convolution of x (B, H, W, C) by kernel (KH,
+  KW, C, N) (traced now): float32, odd kernel sizes, weights of at least
+  CONV_MIN_WEIGHT_BYTES, and the kernels available."""
+  return (x.dtype == jnp.float32 and kernel.dtype == jnp.float32 and x.ndim == 4 and kernel.ndim == 4
+          and kernel.shape[0] % 2 == 1 and kernel.shape[1] % 2 == 1 and x.size > 0
+          and 4 * kernel.size >= CONV_MIN_WEIGHT_BYTES and cpu_kernels_available())
+
+
+def conv_same(x, kernel, bias):
+  """Stride-1 cross-correlation of x (B, H, W, C) by kernel (KH, KW, C, N) (odd sizes) with
+  (KH // 2, KW // 2) zero padding, plus bias (N,), as the CPU kernel (conv.cc): (B, H, W, N).
+  XLA pads and transposes x to the kernel's (B, H + KH - 1, C, Wp) layout. The caller
+  checks `conv_applies`."""
+  if not _load():
+    raise RuntimeError("esc_jax: the CPU kernels are not available here (see kernels.cpu_kernels_available)")
+  kh, kw, _, n = kernel.shape
+  b, h, w, _ = x.shape
+  wp = -(-w // 16) * 16 + kw - 1  # whole 16-column tiles, plus the taps past the last
+  xt = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, wp - w - kw // 2), (0, 0))).transpose(0, 1, 3, 2)
+  call = jax.ffi.ffi_call(CONV_TARGET, jax.ShapeDtypeStruct((b, h, w, n), jnp.float32), vmap_method="sequential")
+  return call(xt, kernel, bias)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 
-from esc_jax.layers.common import Conv2d, ConvParams, LayerNorm, LayerNormParams, Linear, conv2d
+from esc_jax.layers.common import Conv2d, ConvParams, LayerNorm, LayerNormParams, Linear, conv2d, conv2d_same
 
 
 def pixel_shuffle(x, factor: tuple[int, int]):
@@ -79,7 +79,7 @@ class PatchDeEmbed(nn.Module):
     if not self.fused or x.shape[1] < 3 or x.shape[2] < 3:
       return self._reference(x, k1, b1, k2, b2)
     kc, bc = self._composite(k1, b1, k2, b2)
-    y = pixel_shuffle(conv2d(x, kc, bc, ((3, 3), (3, 3))), (p0, p1))
+    y = pixel_shuffle(conv2d_same(x, kc, bc), (p0, p1))
     # Outermost output rows/columns read the k3 conv's zero padding: take them from
     # the original path on 3-patch strips (enough context for both convs).
     top = self._reference(x[:, :3], k1, b1, k2, b2)[:, :1]
