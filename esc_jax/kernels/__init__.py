@@ -7,7 +7,8 @@ holds what they share. They are built into one library once per machine
 with the system C++ compiler (`$CXX`, else `c++`; extra flags from
 `$ESC_JAX_KERNEL_CXXFLAGS`) into `$ESC_JAX_KERNEL_CACHE` (default
 `~/.cache/esc_jax/kernels`), keyed by the sources, the flags, jaxlib's version and
-the CPU's instruction sets, then loaded with ctypes and registered with XLA. When JAX's default backend is not the CPU, without a compiler, or with
+the CPU's instruction sets, then loaded with ctypes and registered with XLA. When
+JAX's default backend is not the CPU, without a compiler, or with
 `ESC_JAX_CPU_KERNELS=0`, nothing is built and the model runs as plain XLA (the
 same results within float32 rounding, ~2x slower Swin blocks on CPU). The kernels are
 written for x86-64 with AVX-512, or AVX2 and FMA; other CPUs (e.g. ARM) run plain XLA.
@@ -41,9 +42,8 @@ SWIN_BLOCK_GRAD_TARGET = "esc_swin_block_bwd"
 DENSE_TARGET = "esc_dense"
 CONV_TARGET = "esc_conv"
 # Weights (float32 bytes) from which `dense` runs a layer as the kernel rather than XLA's
-# dot: ESC-Base's bottleneck blocks (C = 384, 0.6-2.4 MB). Measured on AVX2 (Zen 3, 2
-# cores, in the encode + decode program): XLA's dot ran these at 90-115 GFLOP/s, the
-# kernel at ~150 (see bench/bench_codec.py's profile).
+# dot: ESC-Base's bottleneck blocks (C = 384, 0.6-2.4 MB). On AVX2 (Zen 3, 2 cores) in the
+# encode + decode program XLA's dot ran these at 90-115 GFLOP/s, the kernel at 115-145.
 DENSE_MIN_WEIGHT_BYTES = 1 << 19
 
 
@@ -175,6 +175,9 @@ def _load() -> bool:
   return True
 
 
+_NO_BIAS = np.zeros((1,), np.float32)  # the bias argument of a dense call without one
+
+
 def dense_applies(x, w) -> bool:
   """Whether `dense` should compute x (..., K) @ w (K, N) (traced now): float32 both, at
   least one row, weights of at least DENSE_MIN_WEIGHT_BYTES, and the kernels available."""
@@ -191,10 +194,8 @@ def dense(x, w, b=None, transpose: bool = False):
   n = w.shape[0] if transpose else w.shape[1]
   call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32),
                           vmap_method="sequential")
-  return call(x, w, _ABSENT if b is None else b, has_bias=b is not None, transpose=transpose)
+  return call(x, w, _NO_BIAS if b is None else b, has_bias=b is not None, transpose=transpose)
 
-
-_ABSENT = np.zeros((1,), np.float32)  # the bias argument of a dense call without one
 
 # Weights (float32 bytes) from which `conv_same` runs a convolution as the kernel: ESC-Base's
 # fused de-embedding (7 x 7 x 45 x 12, 106 KB), not the tiny test model's (19 KB).
