@@ -298,12 +298,22 @@ _COMPARE = """
     got, want = (np.asarray(jax.jit(lambda p, x: _apply(block, p, x, hw, f))(params, x)) for f in (True, False))
     real = _real_tokens(hw, shift)
     print("max rel err", float(np.abs(got - want)[:, real].max() / np.abs(want).max()))
+  if kernels.cpu_kernels_available():  # the dense and convolution kernels against float64
+    rng = np.random.default_rng(0)
+    x, w, b = rng.standard_normal((37, 300)), rng.standard_normal((300, 70)), rng.standard_normal(70)
+    got = np.asarray(jax.jit(kernels.dense)(*(a.astype(np.float32) for a in (x, w, b))))
+    print("max rel err", float(np.abs(got - (x @ w + b)).max() / np.abs(x @ w + b).max()))
+    x, k = rng.standard_normal((1, 3, 37, 45)), rng.standard_normal((1, 3, 45, 12))
+    want = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    want = sum(np.einsum("bhwc,cn->bhwn", want[:, :, dx:dx + 37], k[0, dx]) for dx in range(3))
+    got = np.asarray(jax.jit(kernels.conv_same)(x.astype(np.float32), k.astype(np.float32), np.zeros(12, np.float32)))
+    print("max rel err", float(np.abs(got - want).max() / np.abs(want).max()))
 """
 
 
 def test_avx2_build_gives_the_same_results(tmp_path):
   """The AVX2 code path (two 8-lane halves per vector), as on CPUs without AVX-512, gives
-  the same results. With AVX-512 it is a separate build (-mno-avx512f); without, it is the
+  the same results (the Swin block as XLA's; the dense and convolution kernels as float64). With AVX-512 it is a separate build (-mno-avx512f); without, it is the
   default build, which every other test runs too, so the library is reused rather than
   compiled a second time (~30 s)."""
   separate = kernels.has_avx512()
@@ -312,7 +322,7 @@ def test_avx2_build_gives_the_same_results(tmp_path):
   assert r.returncode == 0, r.stderr[-2000:]
   assert "available True" in r.stdout
   errs = [float(line.split()[-1]) for line in r.stdout.splitlines() if line.startswith("max rel err")]
-  assert len(errs) == 2 and max(errs) < 1e-5, r.stdout
+  assert len(errs) == 4 and max(errs) < 1e-5, r.stdout  # two blocks, dense, convolution
   if separate:
     assert len(list(tmp_path.glob("kernels-*.so"))) == 1
 
