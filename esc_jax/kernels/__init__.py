@@ -37,6 +37,10 @@ from esc_jax import runtime
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = (_DIR / "swin_block.cc", _DIR / "dense.cc", _DIR / "conv.cc")  # compiled, with _DIR / "simd.h" included
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# With GCC: scheduling before register allocation (off by default on x86), register
+# pressure in mind. The same results; encode + decode of 10 s ~3% faster on the AVX2
+# machine (in-process A/Bs, 22 of 32 pairs), the train step unchanged.
+_GCC_FLAGS = ("-fschedule-insns", "-fsched-pressure")
 SWIN_BLOCK_TARGET = "esc_swin_block_fwd"
 SWIN_BLOCK_GRAD_TARGET = "esc_swin_block_bwd"
 DENSE_TARGET = "esc_dense"
@@ -85,8 +89,9 @@ def _cache_dir() -> pathlib.Path:
 def _build() -> pathlib.Path:
   """The compiled library's path, compiling it first if this machine has none yet."""
   cxx = os.environ.get("CXX", "c++")
-  flags = [*_FLAGS, *os.environ.get("ESC_JAX_KERNEL_CXXFLAGS", "").split()]
   version = subprocess.run([cxx, "--version"], check=True, capture_output=True, text=True, timeout=60).stdout
+  gcc = "Free Software Foundation" in version and "clang" not in version.lower()
+  flags = [*_FLAGS, *(_GCC_FLAGS if gcc else ()), *os.environ.get("ESC_JAX_KERNEL_CXXFLAGS", "").split()]
   key = hashlib.sha256("\0".join(
       [*(f.read_text() for f in (*_SOURCES, _DIR / "simd.h")), cxx, version, *flags, jax.lib.__version__,
        platform.machine(), _cpu_features()]
