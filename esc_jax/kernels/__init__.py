@@ -180,6 +180,12 @@ def _load() -> bool:
   return True
 
 
+def _require_built():
+  """Builds and registers the kernels if needed; RuntimeError where they cannot be."""
+  if not _load():
+    raise RuntimeError("esc_jax: the CPU kernels are not available here (see kernels.cpu_kernels_available)")
+
+
 _NO_BIAS = np.zeros((1,), np.float32)  # the bias argument of a dense call without one
 
 
@@ -194,8 +200,7 @@ def dense(x, w, b=None, transpose: bool = False):
   """x (..., K) @ w + b as the CPU kernel (dense.cc): w (K, N), or (N, K)
   with `transpose` (x @ w.T); b (N,) or None. Float32; the sums run over K in order, so
   the result does not depend on the thread count. The caller checks `dense_applies`."""
-  if not _load():
-    raise RuntimeError("esc_jax: the CPU kernels are not available here (see kernels.cpu_kernels_available)")
+  _require_built()
   n = w.shape[0] if transpose else w.shape[1]
   call = jax.ffi.ffi_call(DENSE_TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32),
                           vmap_method="sequential")
@@ -221,8 +226,7 @@ def conv_same(x, kernel, bias):
   (KH // 2, KW // 2) zero padding, plus bias (N,), as the CPU kernel (conv.cc): (B, H, W, N).
   XLA pads and transposes x to the kernel's (B, H + KH - 1, C, Wp) layout. The caller
   checks `conv_applies`."""
-  if not _load():
-    raise RuntimeError("esc_jax: the CPU kernels are not available here (see kernels.cpu_kernels_available)")
+  _require_built()
   kh, kw, _, n = kernel.shape
   b, h, w, _ = x.shape
   wp = -(-w // 16) * 16 + kw - 1  # whole 16-column tiles, plus the taps past the last

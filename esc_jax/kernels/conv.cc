@@ -67,29 +67,18 @@ ffi::Error Conv(ffi::ThreadPool pool, F32 xt, F32 w, F32 bias, ffi::ResultBuffer
   const float* xs = xt.typed_data();
   const float* b = bias.typed_data();
   float* ys = y->typed_data();
-  struct Tile {
-    std::unique_ptr<vf[]> out;
-    std::vector<float> rows;  // a last, partial tile's outputs
-  };
   parallel_for(
-      pool, batch * h * tiles, 8, [&] { return Tile{std::unique_ptr<vf[]>(new vf[n]), {}}; },
-      [&](Tile& t, int64_t begin, int64_t end) {
+      pool, batch * h * tiles, 8, [&] { return std::unique_ptr<vf[]>(new vf[n]); },
+      [&](std::unique_ptr<vf[]>& out, int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t bh = i / tiles, tile = i % tiles, w0 = tile * kLanes;
           const float* x = xs + bh / h * (h + kh - 1) * c * wp + bh % h * c * wp + w0;
           int o = 0;
-          for (; o + kBlock <= n; o += kBlock) conv_block<kBlock>(x, kh, kw, c, wp, pw.data() + o * k_all, t.out.get() + o);
-          if (o < n) conv_tail<kBlock - 1>(x, kh, kw, c, wp, pw.data() + o * k_all, n - o, t.out.get() + o);
-          for (int j = 0; j < n; ++j) t.out[j] += b[j];
-          float* dst = ys + (bh * width + w0) * n;
-          const int64_t m = std::min<int64_t>(kLanes, width - w0);
-          if (m == kLanes) {
-            store_transposed(t.out.get(), n, dst);
-          } else {
-            t.rows.resize(kLanes * n);
-            store_transposed(t.out.get(), n, t.rows.data());
-            std::copy_n(t.rows.data(), m * n, dst);
-          }
+          for (; o + kBlock <= n; o += kBlock) conv_block<kBlock>(x, kh, kw, c, wp, pw.data() + o * k_all, out.get() + o);
+          if (o < n) conv_tail<kBlock - 1>(x, kh, kw, c, wp, pw.data() + o * k_all, n - o, out.get() + o);
+          for (int j = 0; j < n; ++j) out[j] += b[j];
+          // The last tile of a row may hold fewer than 16 columns.
+          store_transposed(out.get(), n, ys + (bh * width + w0) * n, static_cast<int>(std::min<int64_t>(kLanes, width - w0)));
         }
       });
   return ffi::Error::Success();

@@ -34,29 +34,15 @@ ffi::Error Dense(ffi::ThreadPool pool, F32 x, F32 w, F32 b, ffi::ResultBuffer<ff
   float* ys = y->typed_data();
   struct Tile {
     std::unique_ptr<vf[]> in, out;
-    std::vector<float> rows;  // a last, partial tile's rows, zero-padded to 16
   };
   parallel_for(
-      pool, tiles, kDenseGrain,
-      [&] { return Tile{std::unique_ptr<vf[]>(new vf[ni]), std::unique_ptr<vf[]>(new vf[no]), {}}; },
+      pool, tiles, kDenseGrain, [&] { return Tile{std::unique_ptr<vf[]>(new vf[ni]), std::unique_ptr<vf[]>(new vf[no])}; },
       [&](Tile& t, int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t n = std::min<int64_t>(kLanes, rows - i * kLanes);
-          const float* src = xs + i * kLanes * n_in;
-          if (n < kLanes) {
-            t.rows.assign(kLanes * n_in, 0.0f);
-            std::copy_n(src, n * n_in, t.rows.data());
-            src = t.rows.data();
-          }
-          load_transposed(src, ni, t.in.get());
+          const int n = static_cast<int>(std::min<int64_t>(kLanes, rows - i * kLanes));  // the last tile's may be fewer
+          load_transposed(xs + i * kLanes * n_in, ni, t.in.get(), n);
           linear(t.in.get(), ni, pw.data(), bias, no, t.out.get());
-          if (n == kLanes) {
-            store_transposed(t.out.get(), no, ys + i * kLanes * n_out);
-          } else {
-            t.rows.resize(kLanes * n_out);
-            store_transposed(t.out.get(), no, t.rows.data());
-            std::copy_n(t.rows.data(), n * n_out, ys + i * kLanes * n_out);
-          }
+          store_transposed(t.out.get(), no, ys + i * kLanes * n_out, n);
         }
       });
   return ffi::Error::Success();

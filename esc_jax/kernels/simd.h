@@ -298,25 +298,26 @@ inline void store_n(float* dst, vf v, int n) {
 #endif
 }
 
-// xt[k][i] = x[i * c + k]: a (16, c) row-major block into c vectors of 16 lanes.
-void load_transposed(const float* x, int c, vf* xt) {
+// xt[k][i] = x[i * c + k]: a (16, c) row-major block into c vectors of 16 lanes. With
+// rows < 16 only the first `rows` rows are read; lanes past them are zero.
+void load_transposed(const float* x, int c, vf* xt, int rows = kLanes) {
   for (int k0 = 0; k0 < c; k0 += kLanes) {
     const int n = std::min(kLanes, c - k0);
     vf r[kLanes];
-    for (int i = 0; i < kLanes; ++i) r[i] = load_n(x + i * c + k0, n);
+    for (int i = 0; i < kLanes; ++i) r[i] = i < rows ? load_n(x + i * c + k0, n) : vf{};
     transpose16(r);
     for (int k = 0; k < n; ++k) xt[k0 + k] = r[k];
   }
 }
 
-// The inverse of load_transposed: y[i * c + k] = yt[k][i].
-void store_transposed(const vf* yt, int c, float* y) {
+// The inverse of load_transposed: y[i * c + k] = yt[k][i], for the first `rows` rows i.
+void store_transposed(const vf* yt, int c, float* y, int rows = kLanes) {
   for (int k0 = 0; k0 < c; k0 += kLanes) {
     const int n = std::min(kLanes, c - k0);
     vf r[kLanes];
     for (int k = 0; k < kLanes; ++k) r[k] = k < n ? yt[k0 + k] : vf{};
     transpose16(r);
-    for (int i = 0; i < kLanes; ++i) store_n(y + i * c + k0, r[i], n);
+    for (int i = 0; i < rows; ++i) store_n(y + i * c + k0, r[i], n);
   }
 }
 
