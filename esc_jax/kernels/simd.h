@@ -30,7 +30,7 @@ constexpr int kLanes = 16;  // tokens per window (4 x 4)
 // kBlock: outputs per pass of `linear` (its accumulators fill the registers). kGradRows: rows
 // of a weight gradient updated per load of a token's output-gradient vector.
 #if defined(__AVX512F__)
-constexpr int kBlock = 16, kGradRows = 4;
+constexpr int kBlock = 16, kGradRows = 8;
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
@@ -55,7 +55,7 @@ inline vf reciprocal(vf q) {
   return r * (2.0f - q * r);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kBlock = 6, kGradRows = 4;
+constexpr int kBlock = 6, kGradRows = 6;
 typedef float vh __attribute__((vector_size(32)));  // half a vector: one AVX register
 typedef int32_t vhi __attribute__((vector_size(32)));
 

@@ -59,19 +59,21 @@ constexpr int kGradWindows = 4;
 
 // acc[k0:k0+R] (rows of n_out) += sum over windows g < n_win and lanes (tokens) i of
 // in[g * n_in + k][i] rows[g * 16 + i]: per element, the same additions in the same order
-// as one window at a time.
+// as one window at a time. The R accumulators stay in registers: a deeper unroll of the
+// token loop made GCC spill them around every FMA.
 template <int R>
 inline void weight_grad_rows(const vf* in, int n_in, int k0, const vf* rows, int n_win, int n_out, int o0, int n,
                              float* acc) {
   vf a[R];
   for (int r = 0; r < R; ++r) a[r] = load_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, n);
   for (int g = 0; g < n_win; ++g) {
-    const vf* x = in + g * n_in + k0;
-#pragma GCC unroll 16  // constant indices keep a[] in registers
+    const float* x = reinterpret_cast<const float*>(in + g * n_in + k0);  // x[r * 16 + i]: row k0 + r, token i
+    const vf* gw = rows + g * kLanes;
+#pragma GCC unroll 2
     for (int i = 0; i < kLanes; ++i) {
-      vf row = rows[g * kLanes + i];
-      in_register(row);
-      for (int r = 0; r < R; ++r) a[r] += x[r][i] * row;
+      const vf row = gw[i];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) a[r] += x[r * kLanes + i] * row;
     }
   }
   for (int r = 0; r < R; ++r) store_n(acc + static_cast<int64_t>(k0 + r) * n_out + o0, a[r], n);
