@@ -2,6 +2,7 @@
 
   python bench/bench.py                                   # ours only
   python bench/bench.py --reference /tmp/esc_ref          # and the original, back to back
+  python bench/bench.py --reference /tmp/esc_ref --rounds 3   # the median of 3 paired ratios
   python bench/bench.py --json                            # one JSON line per row
 
 Rows (ESC-Base shapes, float32, random weights; the first, compiling call is
@@ -23,8 +24,10 @@ never timed):
 GFLOP come from XLA's cost analysis of the programs before optimisation; "% dot" is
 achieved GFLOP/s over dot_peak, "% FMA" over fma_peak.
 The original is timed with ../shared/tools/reference (and bench/reference_streams.py
-for 1.5 kbps) right after our rows; absolute times drift on shared machines, so
-compare ratios measured in one run.
+for 1.5 kbps), each of its rows right after the same row of ours: absolute times drift
+on shared machines, so the ratio is of two measurements minutes apart at most. With
+--rounds N every row and its original are measured N times over; the table gives the
+medians and the median of the N ratios, with their range.
 """
 from __future__ import annotations
 
@@ -71,8 +74,9 @@ def fma_peak(threads: int) -> float | None:
   return float(out.split()[0])
 
 
-def infer_rows(codec, repeats: int) -> list[dict]:
-  """encode + decode, whole signal, at (10 s, 9 kbps), (10 s, 1.5 kbps), (60 s, 9 kbps)."""
+def infer_rows(codec, repeats: int, reference=None) -> list[dict]:
+  """encode + decode, whole signal, at (10 s, 9 kbps), (10 s, 1.5 kbps), (60 s, 9 kbps);
+  each row followed by `reference(row)` (the original's seconds), where given."""
   from bench_codec import speech, timed
   from esc_jax import api, kernels
   from esc_jax.train_lib import xla_cost
@@ -86,7 +90,9 @@ def infer_rows(codec, repeats: int) -> list[dict]:
       gflop = (xla_cost(encode.lower(codec.variables, xp, streams)) + xla_cost(decode.lower(codec.variables, codes))) / 1e9
     _, wall, cpu, _ = timed(lambda: codec.decode(codec.encode(x, streams)), repeats)
     rows.append(dict(work="infer", audio_s=seconds, kbps=codec.kbps(streams), s=wall, rtf=wall / seconds,
-                     cpu_s=cpu, gflop=gflop, gflop_per_s=gflop / wall))
+                     cpu_s=cpu, gflop=gflop, gflop_per_s=gflop / wall, streams=streams))
+    if reference:
+      rows[-1]["original_s"] = reference(rows[-1])
   return rows
 
 
@@ -112,8 +118,9 @@ def _json_run(cmd: list[str], what: str, **kw) -> dict:
   return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def train_rows(config: str, cache: str) -> list[dict]:
-  """bench_train.py in fresh processes: cold compile (empty cache), then a restart (warm cache)."""
+def train_rows(config: str, cache: str, reference=None) -> list[dict]:
+  """bench_train.py in fresh processes: cold compile (empty cache), then a restart (warm cache);
+  the row is followed by `reference(row)` (the original's seconds per step), where given."""
   rows = []
   for kind in ("cold", "warm"):
     r = _json_run([sys.executable, os.path.join(ROOT, "bench", "bench_train.py"), f"--config={config}",
@@ -123,6 +130,8 @@ def train_rows(config: str, cache: str) -> list[dict]:
     rows.append(r)
   cold, warm = rows
   warm["compile_cold_s"], warm["compile_warm_s"] = cold["compile_s"], warm["compile_s"]
+  if reference:
+    warm["original_s"] = reference(warm)
   return [warm]
 
 
@@ -147,33 +156,67 @@ def accel_rows(extra: tuple[str, ...] = ()) -> list[dict]:
   return [{**r, "accel": True} for r in rows]
 
 
-def reference_rows(ref: str) -> dict:
-  """The original's times: {(work, audio_s, streams or batch): seconds}.
+def reference_key(row: dict) -> tuple | None:
+  """The original's measurement that matches one of our rows: (work, audio_s, streams or batch)."""
+  if row["work"] == "infer":
+    return ("infer", row["audio_s"], row["streams"])
+  if row["work"] == "train_step" and row.get("batch") == 4:
+    return ("train_step", 3, 4)
+  return None
+
+
+def reference_time(ref: str, key: tuple) -> float:
+  """The original's median seconds for `key` (see reference_key), timed now in its own venv.
 
   Its processes inherit our environment, LD_PRELOAD included: the same allocator
   as ours (see runtime.preload_allocator), so the ratios compare code.
   """
   py, src = os.path.join(ref, "venv", "bin", "python"), os.path.join(ref, "src")
-  out = {}
-  for args, key in ((["infer", "10"], ("infer", 10, 6)), (["infer", "60"], ("infer", 60, 6)),
-                    (["train", "4"], ("train_step", 3, 4))):
-    r = _json_run([py, os.path.join(KIT, "bench_reference.py"), src, *args], "the reference's " + " ".join(args))
-    out[key] = r.get("median_s", r.get("median_step_s"))
-  out[("infer", 10, 1)] = _json_run([py, os.path.join(ROOT, "bench", "reference_streams.py"), src, "10", "1"],
-                                    "reference_streams", env={**os.environ, "ESC_REFERENCE_KIT": KIT})["median_s"]
-  return out
+  work, audio_s, n = key
+  if work == "infer" and n != 6:  # the kit times 9 kbps only
+    return _json_run([py, os.path.join(ROOT, "bench", "reference_streams.py"), src, str(audio_s), str(n)],
+                     "reference_streams", env={**os.environ, "ESC_REFERENCE_KIT": KIT})["median_s"]
+  args = ["infer", str(audio_s)] if work == "infer" else ["train", str(n)]
+  r = _json_run([py, os.path.join(KIT, "bench_reference.py"), src, *args], "the reference's " + " ".join(args))
+  return r.get("median_s", r.get("median_step_s"))
+
+
+def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
+  """One row per row of the first round: the round whose time (s or s_per_step) is the
+  median, with the median of the original's times and of the per-round ratios (ours /
+  the original's, each pair measured back to back) and their range."""
+  merged = []
+  for i, row in enumerate(rounds[0]):
+    same = [r[i] for r in rounds]
+    time_key = "s" if "s" in row else "s_per_step" if "s_per_step" in row else "gflop_per_s"
+    if time_key not in row:
+      merged.append(row)
+      continue
+    out = dict(sorted(same, key=lambda r: r[time_key])[(len(same) - 1) // 2], rounds=len(same))
+    if all("original_s" in r for r in same):
+      ratios = [r["original_s"] / r[time_key] for r in same]
+      out["original_s"] = float(np.median([r["original_s"] for r in same]))
+      out["ratio"] = float(np.median(ratios))
+      out["ratio_min"], out["ratio_max"] = min(ratios), max(ratios)
+    merged.append(out)
+  return merged
 
 
 def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--reference", default=None, help="the reference kit's folder (venv/ and src/), e.g. /tmp/esc_ref")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--rounds", type=int, default=1,
+                 help="measure the rows (and with --reference the original's, each right after ours) this "
+                      "many times; the table gives medians and the range of the paired ratios")
   p.add_argument("--skip", default=None,
                  help="comma-separated: infer,chunked,train,adv,data,accel (default: adv on CPU, where "
                       "its 2,857-GFLOP step takes ~30 s and the row ~8 min; train,adv elsewhere, where "
                       "the accel rows time training at real batch sizes)")
   p.add_argument("--json", action="store_true", help="one JSON line per row instead of the table")
   args = p.parse_args()
+  if args.rounds < 1:
+    raise SystemExit("--rounds must be at least 1")
   from esc_jax import runtime
   runtime.preload_allocator()
   import jax
@@ -185,21 +228,28 @@ def main() -> None:
   cache = tempfile.mkdtemp(prefix="esc_bench_xla_")
   runtime.enable_compile_cache(cache)
   peak, fma = dot_peak(), fma_peak(os.cpu_count() or 1) if cpu else None
-  rows = [dict(work="dot_peak", gflop_per_s=peak)] + ([dict(work="fma_peak", gflop_per_s=fma)] if fma else [])
   codec = make_codec("random") if not {"infer", "chunked"} <= skip else None
-  if "infer" not in skip:
-    rows += infer_rows(codec, args.repeats)
-  if "chunked" not in skip:
-    rows.append(chunked_row(codec, args.repeats))
-  if "train" not in skip:
-    rows += train_rows(os.path.join(ROOT, "configs", "9kbps.py"), cache)
-  if "adv" not in skip:
-    rows += train_rows(os.path.join(ROOT, "configs", "9kbps_adv.py"), cache)
-  if "data" not in skip:
-    rows.append(data_row())
+  reference = None
+  if args.reference:
+    reference = lambda row: reference_time(args.reference, reference_key(row))  # noqa: E731
+  rounds = []
+  for _ in range(args.rounds):
+    rows = []
+    if "infer" not in skip:
+      rows += infer_rows(codec, args.repeats, reference)
+    if "chunked" not in skip:
+      rows.append(chunked_row(codec, args.repeats))
+    if "train" not in skip:
+      rows += train_rows(os.path.join(ROOT, "configs", "9kbps.py"), cache, reference if cpu else None)
+    if "adv" not in skip:
+      rows += train_rows(os.path.join(ROOT, "configs", "9kbps_adv.py"), cache)
+    if "data" not in skip:
+      rows.append(data_row())
+    rounds.append(rows)
+  rows = [dict(work="dot_peak", gflop_per_s=peak)] + ([dict(work="fma_peak", gflop_per_s=fma)] if fma else [])
+  rows += merge_rounds(rounds)
   if not cpu and "accel" not in skip:
     rows += accel_rows()
-  ref = reference_rows(args.reference) if args.reference else {}
   for r in rows:
     if r.get("accel"):  # the original's times are CPU times: no ratio against an accelerator
       continue
@@ -207,13 +257,8 @@ def main() -> None:
       r["pct_peak"] = 100 * r["gflop_per_s"] / peak
       if fma:
         r["pct_fma"] = 100 * r["gflop_per_s"] / fma
-    key = {"infer": lambda: ("infer", r["audio_s"], round(r["kbps"] / 1.5)),
-           "train_step": lambda: ("train_step", 3, r["batch"])}.get(r["work"])
-    if key and key() in ref:
-      mine = r["s"] if r["work"] == "infer" else r["s_per_step"]
-      r["original_s"], r["ratio"] = ref[key()], ref[key()] / mine
-      if fma and r.get("gflop_per_s"):  # the same FLOP in the original's time
-        r["original_pct_fma"] = r["pct_fma"] / r["ratio"]
+    if "ratio" in r and fma and r.get("gflop_per_s"):  # the same FLOP in the original's time
+      r["original_pct_fma"] = r["pct_fma"] / r["ratio"]
   device = f"{len(jax.devices())} x {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs"
   load = os.getloadavg()[0]
   malloc = os.path.basename(runtime.preloaded_allocator() or "system malloc")  # the original's as well
@@ -250,6 +295,8 @@ def main() -> None:
       note += f"; original {r['original_pct_fma']:.0f}% FMA"
     orig = f"{r['original_s']:.3f} s" if "original_s" in r else ""
     ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
+    if r.get("rounds", 1) > 1 and "ratio" in r:
+      note += f"; ratio {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x over {r['rounds']} rounds"
     gf = f"{r['gflop_per_s']:.0f}" if "gflop_per_s" in r else ""
     pct = f"{r['pct_peak']:.0f}%" if "pct_peak" in r else ""
     pct_fma = f"{r['pct_fma']:.0f}%" if "pct_fma" in r else ""

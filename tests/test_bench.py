@@ -119,3 +119,23 @@ def test_fma_peak_runs_the_c_program_or_says_there_is_no_compiler(monkeypatch):
   assert 1 < gflops < 1e4  # one core: a few to a few hundred GFLOP/s
   monkeypatch.setenv("CC", "false")  # a "compiler" that fails
   assert _bench("bench", "bench.fma_peak(1)").strip() == "None"
+
+
+def test_rounds_merge_to_the_median_row_and_paired_ratios():
+  """bench.py --rounds: per row, the round with the median time, the median of the original's
+  times and of the per-round ratios (each ours / original pair measured back to back), and
+  their range; rows without a time or an original pass through."""
+  rounds = [[dict(work="infer", audio_s=10, streams=6, s=s, original_s=o),
+             dict(work="train_step", batch=4, s_per_step=t, original_s=2 * t + d),
+             dict(work="data_pipeline", clips_per_s=c)]
+            for s, o, t, d, c in ((1.0, 2.0, 4.0, 0.0, 10), (2.0, 5.0, 5.0, 1.0, 20), (1.5, 3.6, 6.0, 6.0, 30))]
+  out = json.loads(_bench("bench", f"__import__('json').dumps(bench.merge_rounds({rounds!r}))"))
+  infer, train, data = out
+  assert (infer["s"], infer["original_s"], infer["rounds"]) == (1.5, 3.6, 3)
+  assert (infer["ratio"], infer["ratio_min"], infer["ratio_max"]) == (2.4, 2.0, 2.5)
+  assert (train["s_per_step"], train["original_s"], train["ratio"]) == (5.0, 11.0, 2.2)
+  assert (train["ratio_min"], train["ratio_max"]) == (2.0, 3.0)
+  assert data == rounds[0][2]
+  keys = _bench("bench", "[bench.reference_key(r) for r in "
+                f"{[dict(work='infer', audio_s=60, streams=1), dict(work='train_step', batch=4), dict(work='train_step', batch=36), dict(work='infer_chunked', audio_s=60)]!r}]")
+  assert keys.strip() == "[('infer', 60, 1), ('train_step', 3, 4), None, None]"
