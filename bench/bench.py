@@ -183,8 +183,8 @@ def reference_time(ref: str, key: tuple) -> float:
 
 def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
   """One row per row of the first round: the round whose time (s or s_per_step) is the
-  median, with the median of the original's times and of the per-round ratios (ours /
-  the original's, each pair measured back to back) and their range."""
+  median, with the median of the original's times and of the per-round ratios (the
+  original's time over ours, each pair measured back to back) and their range."""
   merged = []
   for i, row in enumerate(rounds[0]):
     same = [r[i] for r in rounds]
@@ -225,8 +225,7 @@ def main() -> None:
     args.skip = "adv" if cpu else "train,adv"
   skip = set(filter(None, args.skip.split(",")))
   from bench_codec import make_codec
-  cache = tempfile.mkdtemp(prefix="esc_bench_xla_")
-  runtime.enable_compile_cache(cache)
+  runtime.enable_compile_cache(tempfile.mkdtemp(prefix="esc_bench_xla_"))
   peak, fma = dot_peak(), fma_peak(os.cpu_count() or 1) if cpu else None
   codec = make_codec("random") if not {"infer", "chunked"} <= skip else None
   reference = None
@@ -234,6 +233,7 @@ def main() -> None:
     reference = lambda row: reference_time(args.reference, reference_key(row))  # noqa: E731
   rounds = []
   for _ in range(args.rounds):
+    cache = tempfile.mkdtemp(prefix="esc_bench_train_xla_")  # a cold compile per round, then a warm one
     rows = []
     if "infer" not in skip:
       rows += infer_rows(codec, args.repeats, reference)
