@@ -136,6 +136,7 @@ def test_rounds_merge_to_the_median_row_and_paired_ratios():
   assert (train["s_per_step"], train["original_s"], train["ratio"]) == (5.0, 11.0, 2.2)
   assert (train["ratio_min"], train["ratio_max"]) == (2.0, 3.0)
   assert data == rounds[0][2]
-  keys = _bench("bench", "[bench.reference_key(r) for r in "
-                f"{[dict(work='infer', audio_s=60, streams=1), dict(work='train_step', batch=4), dict(work='train_step', batch=36), dict(work='infer_chunked', audio_s=60)]!r}]")
+  rows = [dict(work="infer", audio_s=60, streams=1), dict(work="train_step", batch=4),
+          dict(work="train_step", batch=36), dict(work="infer_chunked", audio_s=60)]
+  keys = _bench("bench", f"[bench.reference_key(r) for r in {rows!r}]")
   assert keys.strip() == "[('infer', 60, 1), ('train_step', 3, 4), None, None]"

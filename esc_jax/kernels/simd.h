@@ -35,7 +35,6 @@ typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
 inline vf splat(float s) { return vf{} + s; }
-inline void in_register(vf&) {}  // 32 registers: GCC keeps what it needs (see the AVX2 one)
 // NaN in `a` propagates (as in XLA), so a clamp of NaN stays NaN.
 inline vf vmax(vf a, vf b) { return a < b ? b : a; }
 inline vf vmin(vf a, vf b) { return a > b ? b : a; }
@@ -77,8 +76,6 @@ ESC_VF_OP(/)
 #undef ESC_VF_OP
 
 inline vf splat(float s) { return vf{} + s; }
-// Keeps v in registers where GCC would fold its reloads into every use (a load per FMA).
-inline void in_register(vf& v) { __asm__("" : "+x"(v.lo), "+x"(v.hi)); }
 inline vf vmax(vf a, vf b) { return {a.lo < b.lo ? b.lo : a.lo, a.hi < b.hi ? b.hi : a.hi}; }
 inline vf vmin(vf a, vf b) { return {a.lo > b.lo ? b.lo : a.lo, a.hi > b.hi ? b.hi : a.hi}; }
 inline vh pow2i(vh n) {
