@@ -217,16 +217,21 @@ CONV_CASES = [((2, 5, 37, 45), (7, 7, 45, 12)), ((1, 2, 3, 4), (7, 7, 4, 7)), ((
               ((1, 4, 9, 2), (1, 1, 2, 13))]
 
 
+def _conv_reference(x, k, b):
+  """conv_same's result in float64: x (B, H, W, C) by k (KH, KW, C, N), "same" zero padding, plus b."""
+  kh, kw = k.shape[:2]
+  h, w = x.shape[1:3]
+  xp = np.pad(np.asarray(x, np.float64), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
+  return b + sum(np.einsum("bhwc,cn->bhwn", xp[:, dy:dy + h, dx:dx + w], k[dy, dx]) for dy in range(kh) for dx in range(kw))
+
+
 @pytest.mark.parametrize("x_shape,k_shape", CONV_CASES)
 def test_conv_kernel_equals_a_float64_convolution(x_shape, k_shape):
   rng = np.random.default_rng(0)
   x = rng.standard_normal(x_shape).astype(np.float32)
   k = rng.standard_normal(k_shape).astype(np.float32)
   b = rng.standard_normal(k_shape[-1]).astype(np.float32)
-  kh, kw = k_shape[:2]
-  xp = np.pad(x.astype(np.float64), ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-  h, w = x_shape[1:3]
-  want = b + sum(np.einsum("bhwc,cn->bhwn", xp[:, dy:dy + h, dx:dx + w], k[dy, dx]) for dy in range(kh) for dx in range(kw))
+  want = _conv_reference(x, k, b)
   got = np.asarray(jax.jit(kernels.conv_same)(x, k, b))
   assert got.shape == want.shape
   np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * np.abs(want).max())
@@ -291,7 +296,7 @@ def test_train_step_on_two_devices_is_plain_xla():
 _COMPARE = """
   import numpy as np, jax
   from esc_jax import kernels
-  from tests.test_kernels import _apply, _block_and_input, _real_tokens
+  from tests.test_kernels import _apply, _block_and_input, _conv_reference, _real_tokens
   print("available", kernels.cpu_kernels_available())
   for c, heads, hw, shift in [(45, 3, (16, 20), 2), (8, 1, (8, 30), 0)]:
     block, params, x = _block_and_input(c, heads, hw, shift, 2)
@@ -304,8 +309,7 @@ _COMPARE = """
     got = np.asarray(jax.jit(kernels.dense)(*(a.astype(np.float32) for a in (x, w, b))))
     print("max rel err", float(np.abs(got - (x @ w + b)).max() / np.abs(x @ w + b).max()))
     x, k = rng.standard_normal((1, 3, 37, 45)), rng.standard_normal((1, 3, 45, 12))
-    want = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
-    want = sum(np.einsum("bhwc,cn->bhwn", want[:, :, dx:dx + 37], k[0, dx]) for dx in range(3))
+    want = _conv_reference(x, k, np.zeros(12))
     got = np.asarray(jax.jit(kernels.conv_same)(x.astype(np.float32), k.astype(np.float32), np.zeros(12, np.float32)))
     print("max rel err", float(np.abs(got - want).max() / np.abs(want).max()))
 """
