@@ -188,8 +188,8 @@ def merge_rounds(rounds: list[list[dict]]) -> list[dict]:
   merged = []
   for i, row in enumerate(rounds[0]):
     same = [r[i] for r in rounds]
-    time_key = "s" if "s" in row else "s_per_step" if "s_per_step" in row else "gflop_per_s"
-    if time_key not in row:
+    time_key = next((k for k in ("s", "s_per_step") if k in row), None)
+    if time_key is None:  # e.g. the data pipeline's row: the first round's
       merged.append(row)
       continue
     out = dict(sorted(same, key=lambda r: r[time_key])[(len(same) - 1) // 2], rounds=len(same))
